@@ -1,0 +1,216 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory ``checkpoint-<step>`` in the run directory holding:
+
+- one sub-directory per model (HF format, safetensors),
+- ``optimizer-<name>.pt`` (optimizer state; loaded with ``weights_only=True``, so no pickle),
+- ``state.json`` (step, scheduler states, running moments, KL controller, data position,
+  Python/NumPy RNG states, anything the trainer adds),
+- ``rng.safetensors`` (torch CPU / CUDA generator states),
+- ``COMPLETE`` (written last).
+
+It is written into a temporary sibling directory and renamed into place, so a crash (even
+``kill -9``) during a save leaves the previous checkpoint untouched and no half-written one that
+looks complete. Loading refuses anything but safetensors/JSON/weights-only tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppomax.errors import UserError
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete, unsafe or does not match the run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of every RNG that training touches."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    js = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = js["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = js["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    models: dict[str, Any],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: dict[str, Any],
+    tokenizer: Any = None,
+    save_total_limit: int | None = 2,
+) -> Path:
+    """Write ``run_dir/checkpoint-<step>`` atomically; return its path.
+
+    ``models`` maps a name to anything with ``save_pretrained(dir)``; ``state`` must be
+    JSON-serialisable (the trainer's counters, moments, scheduler states, ...).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir))
+    try:
+        for name, model in models.items():
+            model.save_pretrained(tmp / name)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / name)
+        for name, opt in optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+        js_rng, tensor_rng = rng_state()
+        save_file(tensor_rng, tmp / "rng.safetensors")
+        with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+            json.dump({"step": step, "rng": js_rng, **state}, fh)
+        (tmp / "COMPLETE").write_text(str(step))
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():  # re-saving the same step (e.g. after a rollback): replace atomically
+            old = run_dir / f".old-checkpoint-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if save_total_limit is not None:
+        for old in list_checkpoints(run_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``run_dir``, oldest first (temp and incomplete ones ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and (p / "COMPLETE").exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(run_dir: str | Path | None, resume_from: str) -> Path:
+    """``resume_from`` = a checkpoint dir, a run dir (its newest checkpoint) or 'latest'."""
+    if resume_from == "latest":
+        if run_dir is None:
+            raise CheckpointError("--resume_from latest needs --output_dir")
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            raise CheckpointError(f"--resume_from latest: no complete checkpoint in {run_dir}")
+        return ckpts[-1]
+    p = Path(resume_from)
+    if not p.exists():
+        raise CheckpointError(f"--resume_from {resume_from}: no such directory")
+    if (p / "COMPLETE").exists():
+        return p
+    ckpts = list_checkpoints(p)
+    if ckpts:
+        return ckpts[-1]
+    raise CheckpointError(f"--resume_from {resume_from}: not a complete ppomax checkpoint (no COMPLETE marker)")
+
+
+def load_state(ckpt: str | Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (RNG included, not yet applied)."""
+    ckpt = Path(ckpt)
+    refuse_pickles(ckpt)
+    with open(ckpt / "state.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def restore_rng(ckpt: str | Path, state: dict[str, Any]) -> None:
+    set_rng_state(state["rng"], load_file(Path(ckpt) / "rng.safetensors"))
+
+
+def load_optimizer(ckpt: str | Path, name: str, optimizer: torch.optim.Optimizer) -> None:
+    path = Path(ckpt) / f"optimizer-{name}.pt"
+    if not path.exists():
+        raise CheckpointError(f"{ckpt}: missing optimizer state {path.name}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary pickled objects
+        raise CheckpointError(f"{path}: refused to load (not a plain tensor state: {e})") from None
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not match this model ({e})") from None
+
+
+_PICKLE_SUFFIXES = {".bin", ".pkl", ".pickle", ".pth", ".ckpt"}
+
+
+def refuse_pickles(directory: str | Path) -> None:
+    """Refuse checkpoint directories that carry pickle files we would have to unpickle.
+
+    ppomax writes safetensors, JSON and weights-only ``.pt`` optimizer states; a ``.bin`` or
+    ``.pkl`` in a checkpoint is not ours and is never loaded (arbitrary code on unpickling).
+    """
+    for p in Path(directory).rglob("*"):
+        if p.suffix in _PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{p}: pickle-format file in a checkpoint; ppomax only loads safetensors/JSON "
+                "(convert the weights to safetensors)"
+            )

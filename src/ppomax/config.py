@@ -1,0 +1,448 @@
+"""One config dataclass per stage; the CLI flags and YAML keys are generated from these fields.
+
+Every field carries help text (citing the paper section where one applies) and, where it has
+one, an allowed range that ``__post_init__`` checks before any model is loaded. Field names
+follow ``transformers.TrainingArguments`` and TRL's ``PPOConfig`` where an equivalent exists.
+
+Presets are data: :data:`PRESETS` maps a preset name to the field values it sets. The plain
+``PPOConfig`` defaults *are* the ``ppo_max`` preset; ``vanilla`` overrides a handful of fields.
+Precedence when parsing: preset < YAML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ppomax.errors import UserError
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is invalid; the message names the field, the value and what is allowed."""
+
+
+def opt(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+    required: bool = False,
+) -> Any:
+    """A dataclass field with help text and a declarative allowed range."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "required": required}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _allowed(meta: dict) -> str:
+    parts = []
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    if meta.get("ge") is not None:
+        parts.append(f">= {meta['ge']}")
+    if meta.get("gt") is not None:
+        parts.append(f"> {meta['gt']}")
+    if meta.get("le") is not None:
+        parts.append(f"<= {meta['le']}")
+    if meta.get("lt") is not None:
+        parts.append(f"< {meta['lt']}")
+    return " and ".join(parts)
+
+
+def validate_fields(cfg: Any) -> None:
+    """Check every field against its declared range; raise ConfigError naming the field."""
+    name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if meta.get("required") and (value is None or value == ""):
+            raise ConfigError(f"{name}.{f.name} is required (flag --{f.name})")
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{name}.{f.name} = {value!r} is invalid: allowed {_allowed(meta)}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{name}.{f.name} = nan is invalid: allowed {_allowed(meta) or 'a number'}")
+        bad = (
+            (meta.get("ge") is not None and value < meta["ge"])
+            or (meta.get("gt") is not None and value <= meta["gt"])
+            or (meta.get("le") is not None and value > meta["le"])
+            or (meta.get("lt") is not None and value >= meta["lt"])
+        )
+        if bad:
+            raise ConfigError(f"{name}.{f.name} = {value!r} is out of range: allowed {_allowed(meta)}")
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields shared by every training stage (names from transformers.TrainingArguments)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunArgs:
+    """Fields every stage has: where to read and write, seed, logging, checkpoints, precision."""
+
+    model_name_or_path: str | None = opt(None, "Local model directory to start from (no hub downloads).")
+    dataset: str | None = opt(None, "Training data: a JSONL file or a directory saved by `datasets`.")
+    output_dir: str | None = opt(None, "Run directory: config, metrics.jsonl, TensorBoard events, checkpoints.")
+    seed: int = opt(42, "Random seed for model init, data order and sampling.", ge=0)
+    learning_rate: float = opt(1e-5, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", ge=0, lt=1)
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.0, "Fraction of the steps spent in linear warm-up.", ge=0, le=1)
+    max_grad_norm: float | None = opt(1.0, "Global gradient clipping max norm (None: off).", gt=0)
+    max_steps: int = opt(-1, "Total optimizer steps; -1 derives it from num_train_epochs.", ge=-1)
+    logging_steps: int = opt(10, "Log every N steps to metrics.jsonl / TensorBoard.", ge=1)
+    save_steps: int = opt(500, "Checkpoint every N steps (and always at the end).", ge=1)
+    save_total_limit: int = opt(2, "Keep at most this many step checkpoints (the newest).", ge=1)
+    report_to: str = opt("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("none", "tensorboard", "wandb"))
+    bf16: bool = opt(False, "bfloat16 autocast for forward passes (master weights stay fp32).")
+    fp16: bool = opt(False, "float16 autocast (GPU only; prefer bf16).")
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the transformer blocks.")
+    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory (off: safer).")
+    skip_bad_rows: bool = opt(False, "Skip and count malformed data rows instead of stopping with an error.")
+    max_prompt_length: int = opt(512, "Prompts longer than this (tokens) are truncated or dropped.", ge=1)
+    truncation_mode: str = opt("left", "Over-long prompts: 'left' keeps the last tokens, 'drop' skips the row.", choices=("left", "drop"))
+    resume_from: str | None = opt(None, "Checkpoint directory to resume from ('latest': the newest in output_dir).")
+    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds a different run.")
+    disable_tqdm: bool = opt(False, "Hide progress bars.")
+
+    def _check_common(self) -> None:
+        validate_fields(self)
+        check(not (self.bf16 and self.fp16), f"{type(self).__name__}: set at most one of bf16 and fp16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTConfig(RunArgs):
+    """Supervised fine-tuning: next-token loss on response tokens only (prompt masked)."""
+
+    eval_dataset: str | None = opt(None, "Held-out data; if unset, eval_split of the training data is held out.")
+    eval_split: float = opt(0.05, "Fraction of training rows held out for eval when no eval_dataset.", ge=0, lt=1)
+    num_train_epochs: float = opt(1.0, "Epochs over the training data (when max_steps = -1).", gt=0)
+    per_device_train_batch_size: int = opt(8, "Sequences per micro-batch.", ge=1)
+    per_device_eval_batch_size: int = opt(16, "Sequences per eval batch.", ge=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = opt(2e-5, "Peak learning rate (AdamW).", gt=0)
+    warmup_ratio: float = opt(0.03, "Fraction of the steps spent in linear warm-up.", ge=0, le=1)
+    eval_steps: int = opt(100, "Evaluate every N steps (and at the end).", ge=1)
+    max_length: int = opt(1024, "Maximum prompt + response tokens; longer responses are cut.", ge=2)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+
+
+@dataclass
+class RewardConfig(RunArgs):
+    """Reward model: pairwise Bradley-Terry loss + optional LM loss (paper Sec. 4, Eq. 2)."""
+
+    eval_dataset: str | None = opt(None, "Held-out preference pairs; if unset, eval_split is held out.")
+    eval_split: float = opt(0.05, "Fraction of pairs held out for eval when no eval_dataset.", ge=0, lt=1)
+    num_train_epochs: float = opt(1.0, "Epochs over the pairs (when max_steps = -1).", gt=0)
+    per_device_train_batch_size: int = opt(8, "Pairs per micro-batch.", ge=1)
+    per_device_eval_batch_size: int = opt(16, "Pairs per eval batch.", ge=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = opt(1e-5, "Peak learning rate (AdamW).", gt=0)
+    warmup_ratio: float = opt(0.03, "Fraction of the steps spent in linear warm-up.", ge=0, le=1)
+    eval_steps: int = opt(100, "Evaluate every N steps (and at the end).", ge=1)
+    max_length: int = opt(1024, "Maximum prompt + response tokens per side; longer responses are cut.", ge=2)
+    rm_lm_coef: float = opt(
+        0.0, "β_rm: weight of the LM loss on the chosen response (paper Eq. 2; 0 turns it off).", ge=0
+    )
+
+    def __post_init__(self) -> None:
+        self._check_common()
+
+
+@dataclass
+class PPOConfig(RunArgs):
+    """PPO-max (paper Sec. 5.4). The defaults are the ``ppo_max`` preset; see PRESETS."""
+
+    preset: str = opt("ppo_max", "Starting values: 'ppo_max' (paper Sec. 5.4) or 'vanilla' (Fig. 5 baseline).", choices=("ppo_max", "vanilla", "none"))
+    reward_model_path: str | None = opt(None, "Reward model directory (scalar head); or pass reward_fn in Python.")
+    ref_model_path: str | None = opt(None, "Reference policy π_ref (default: model_name_or_path, frozen).")
+    critic_model_path: str | None = opt(None, "Critic init directory (default: per critic_init).")
+    critic_init: str = opt(
+        "reward_model", "Critic V_φ init: 'reward_model' (Sec. 5.3.3, used by PPO-max) or 'sft' (SFT backbone + fresh head).",
+        choices=("reward_model", "sft"),
+    )
+    # --- rollout -------------------------------------------------------------------------------
+    rollout_batch_size: int = opt(64, "Prompts sampled per PPO iteration (the experience buffer; paper 128).", ge=1)
+    num_mini_batches: int = opt(4, "Mini-batches per PPO epoch (paper: buffer 128 in mini-batches of 32).", ge=1)
+    per_device_train_batch_size: int = opt(16, "Micro-batch for forward/backward (gradient accumulation inside a mini-batch).", ge=1)
+    generation_batch_size: int = opt(64, "Prompts per generate() call during rollout (memory knob).", ge=1)
+    num_ppo_epochs: int = opt(1, "Passes over each experience buffer.", ge=1)
+    response_length: int = opt(128, "Maximum new tokens per response (the length cap).", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature; log-probs use the same temperature (PPO_MAX.md).", gt=0)
+    top_k: int = opt(0, "Top-k sampling (0: off).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling (1.0: off).", gt=0, le=1)
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the score of responses that hit the cap without EOS.", ge=0)
+    # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
+    kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 = log π − log π_ref (can be < 0), k3 ≥ 0.", choices=("k1", "k2", "k3"))
+    adaptive_kl: bool = opt(False, "Adapt η toward kl_target (Ziegler et al. 2019) instead of a fixed η.")
+    kl_target: float = opt(6.0, "Target summed KL per sequence for the adaptive controller.", gt=0)
+    kl_horizon: int = opt(10000, "Horizon (samples) of the adaptive controller.", ge=1)
+    reward_scaling: bool = opt(False, "Divide scores by the running std (Sec. 5.3.1 'reward scaling'; no gain in the paper).")
+    reward_normalize: bool = opt(True, "Normalise scores with running mean/std of all scores so far (Eq. 18).")
+    reward_clip: float | None = opt(0.8, "δ: clip normalised scores to [−δ, δ] (Eq. 18; paper ablates 0.3/0.8, advises relaxed). None: off.", gt=0)
+    whiten_rewards: bool = opt(False, "Whiten the per-token rewards within the batch before GAE (TRL option).")
+    # --- advantages and losses (Fig. 5 details 6, 7, 10, 11) ----------------------------------
+    gamma: float = opt(1.0, "γ discount in GAE (App. C.3).", ge=0, le=1)
+    lam: float = opt(0.9, "λ of GAE (App. C.3 text: 0.9; released code 0.95).", ge=0, le=1)
+    whiten_advantages: bool = opt(True, "Normalise advantages per mini-batch (Sec. 5.3.1 detail 6).")
+    advantage_clip: float | None = opt(None, "Clip advantages to [−c, c] (detail 6; the paper advises not stacking with reward clipping).", gt=0)
+    cliprange: float = opt(0.2, "ε of the clipped surrogate (Eq. 14; App. C.1).", gt=0, lt=1)
+    cliprange_value: float | None = opt(0.2, "ε_v of value-loss clipping (detail 7). None: off.", gt=0)
+    vf_coef: float = opt(1.0, "Critic loss weight (the critic has its own optimizer; this scales its loss).", gt=0)
+    entropy_coef: float = opt(0.0, "Entropy bonus c_ent (detail 3; very sensitive, off in PPO-max).", ge=0)
+    importance_sampling_ref: bool = opt(
+        False, "Fix π_old to π_ref in the ratio ('infinite buffer', Sec. 5.3.2): more stable, lower final quality."
+    )
+    # --- critic pre-training and PPO-ptx (Sec. 5.4) -------------------------------------------
+    critic_pretrain_steps: int = opt(20, "Rollouts on which only the critic trains before the policy moves (Sec. 5.4).", ge=0)
+    critic_learning_rate: float = opt(1.65e-6, "Critic learning rate (paper, 7B: 1.65e-6).", gt=0)
+    learning_rate: float = opt(5e-7, "Policy learning rate (paper, 7B: 5e-7; tiny models need larger).", gt=0)
+    warmup_ratio: float = opt(0.0, "Fraction of the steps spent in linear warm-up (PPO-max uses critic pre-training instead).", ge=0, le=1)
+    lr_scheduler_type: str = opt("constant", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
+    ptx_dataset: str | None = opt(None, "PPO-ptx (Eq. 17): SFT/pre-training rows mixed into the policy loss.")
+    ptx_coef: float = opt(0.0, "λ_ptx: weight of the PPO-ptx LM loss (needs ptx_dataset).", ge=0)
+    max_length_ptx: int = opt(512, "Maximum tokens of a PPO-ptx row.", ge=2)
+    # --- loop ----------------------------------------------------------------------------------
+    max_steps: int = opt(100, "PPO iterations (rollout + update); critic pre-training comes on top.", ge=1)
+    save_steps: int = opt(50, "Checkpoint every N PPO iterations (and at the end).", ge=1)
+    logging_steps: int = opt(1, "Log every N iterations.", ge=1)
+    num_sample_generations: int = opt(4, "Sample responses written to samples.jsonl at each logged step.", ge=0)
+    max_consecutive_skips: int = opt(3, "Stop after this many consecutive updates skipped for non-finite values.", ge=1)
+    collapse_guard: str = opt(
+        "warn", "On a collapse signal (see docs/metrics.md): warn, stop (save and exit) or rollback.",
+        choices=("off", "warn", "stop", "rollback"),
+    )
+    collapse_kl: float = opt(20.0, "Collapse signal: mean summed KL to π_ref per response above this.", gt=0)
+    collapse_ppl_ratio: float = opt(0.35, "Collapse signal: policy perplexity below this fraction of its start value.", gt=0, lt=1)
+    collapse_truncated: float = opt(0.5, "Collapse signal: share of responses hitting the length cap above this.", gt=0, le=1)
+    rollback_kl_factor: float = opt(2.0, "On rollback, multiply η by this factor.", gt=1)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        n = type(self).__name__
+        check(
+            self.rollout_batch_size % self.num_mini_batches == 0,
+            f"{n}.rollout_batch_size = {self.rollout_batch_size} must be divisible by num_mini_batches = {self.num_mini_batches}",
+        )
+        mini = self.rollout_batch_size // self.num_mini_batches
+        check(
+            mini % self.per_device_train_batch_size == 0 or self.per_device_train_batch_size >= mini,
+            f"{n}.per_device_train_batch_size = {self.per_device_train_batch_size} must divide the mini-batch size {mini} "
+            f"(rollout_batch_size / num_mini_batches)",
+        )
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.rollout_batch_size // self.num_mini_batches
+
+    @classmethod
+    def from_preset(cls, preset: str = "ppo_max", **overrides: Any) -> PPOConfig:
+        """Build a config from a preset, then apply ``overrides`` (any field)."""
+        if preset not in PRESETS:
+            raise ConfigError(f"PPOConfig.preset = {preset!r} is invalid: allowed one of {', '.join(map(repr, PRESETS))}")
+        values = {**PRESETS[preset], **overrides, "preset": preset}
+        return cls(**values)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a policy: reward, gold, KL / perplexity vs a reference, length, win rate."""
+
+    model_name_or_path: str | None = opt(None, "Policy directory to evaluate.", required=True)
+    dataset: str | None = opt(None, "Prompts (JSONL / datasets dir); default: the task's held-out prompts.")
+    task: str | None = opt(None, "Built-in task whose gold judge and prompts to use ('reviews').", choices=("reviews",))
+    ref_model_path: str | None = opt(None, "Reference for KL (default: baseline_model_path).")
+    baseline_model_path: str | None = opt(None, "Baseline for the win rate (e.g. the SFT model).")
+    reward_model_path: str | None = opt(None, "Reward model for the 'reward' metric (and judge='rm').")
+    judge: str = opt("gold", "Win-rate judge: the task's gold judge or the reward model.", choices=("gold", "rm"))
+    output_dir: str | None = opt(None, "Where eval.json and eval.md are written.", required=True)
+    num_prompts: int = opt(256, "Prompts evaluated (the first N).", ge=1)
+    num_samples: int = opt(8, "Sample generations written to the report.", ge=0)
+    response_length: int = opt(128, "Maximum new tokens.", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature.", gt=0)
+    batch_size: int = opt(64, "Prompts per generate() call.", ge=1)
+    max_prompt_length: int = opt(512, "Prompt truncation length.", ge=1)
+    seed: int = opt(1234, "Sampling seed.", ge=0)
+    skip_bad_rows: bool = opt(False, "Skip and count malformed prompt rows.")
+    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory.")
+    disable_tqdm: bool = opt(False, "Hide progress bars.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check(self.dataset is not None or self.task is not None, "EvalConfig: give --dataset or --task")
+
+
+@dataclass
+class TinyModelConfig:
+    """A tiny, randomly initialised Llama-style model with a tokenizer trained locally."""
+
+    output_dir: str | None = opt(None, "Directory to write the model and tokenizer to.", required=True)
+    layers: int = opt(2, "Transformer layers.", ge=1)
+    hidden: int = opt(64, "Hidden size.", ge=8)
+    heads: int = opt(4, "Attention heads (must divide hidden).", ge=1)
+    vocab_size: int = opt(512, "Tokenizer vocabulary size (BPE trained on built-in text).", ge=300)
+    seed: int = opt(0, "Initialisation seed.", ge=0)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        check(self.hidden % self.heads == 0, f"TinyModelConfig.heads = {self.heads} must divide hidden = {self.hidden}")
+
+
+@dataclass
+class DemoConfig:
+    """The whole pipeline on the embedded 'reviews' task, PPO-max and vanilla side by side."""
+
+    output_dir: str = opt("runs/demo", "Run directory (report.md, plots/, summary.json, per-method runs).")
+    quick: bool = opt(False, "A much smaller budget (about 2 minutes on 2 CPU cores) for smoke tests and CI.")
+    seed: int = opt(0, "Seed of the whole pipeline (task data, models, sampling).", ge=0)
+    model: str = opt("reviews-tiny", "Policy: the tiny model trained on the task, or the SmolLM2 wheel (see docs).", choices=("reviews-tiny", "smollm2"))
+    ppo_steps: int = opt(-1, "PPO iterations per method (-1: the mode's default).", ge=-1)
+    methods: str = opt("ppo_max,vanilla", "Comma-separated presets to train and compare.")
+    cache_dir: str | None = opt(None, "Where task assets (SFT model, RM, data) are cached (default: <output_dir>/assets).")
+    overwrite_output_dir: bool = opt(False, "Re-run every stage even if its results are already in output_dir.")
+    num_threads: int = opt(0, "torch threads (0: torch's default).", ge=0)
+    disable_tqdm: bool = opt(False, "Hide progress bars.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        bad = [m for m in self.methods.split(",") if m.strip() not in ("ppo_max", "vanilla")]
+        check(not bad, f"DemoConfig.methods has unknown preset(s) {bad}: allowed 'ppo_max', 'vanilla'")
+
+
+@dataclass
+class AblateConfig:
+    """Variants × seeds on the embedded task → one comparison report (paper Fig. 5)."""
+
+    output_dir: str = opt("runs/ablate", "Run directory of the ablation.")
+    variants: str | None = opt(
+        None, "Variants as 'name:field=value,field=value;name2:...' or a YAML file mapping names to overrides "
+        "(default: each PPO-max detail switched off in turn, plus vanilla).",
+    )
+    seeds: int = opt(1, "Seeds per variant; with >1, means ± 95% intervals and significance marks.", ge=1)
+    quick: bool = opt(False, "The demo's quick budget.")
+    seed: int = opt(0, "First seed (seeds are seed, seed+1, ...).", ge=0)
+    ppo_steps: int = opt(-1, "PPO iterations per run (-1: the mode's default).", ge=-1)
+    cache_dir: str | None = opt(None, "Task asset cache (default: <output_dir>/assets).")
+    num_threads: int = opt(0, "torch threads (0: torch's default).", ge=0)
+    disable_tqdm: bool = opt(False, "Hide progress bars.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (data). ppo_max = the PPOConfig defaults; vanilla switches off every PPO-max detail
+# except the clipped surrogate, GAE and advantage whitening (PPO_MAX.md).
+# ---------------------------------------------------------------------------------------------
+
+PPO_MAX_PRESET: dict[str, Any] = {}  # the dataclass defaults are the recipe
+
+VANILLA_PRESET: dict[str, Any] = {
+    "kl_coef": 0.0,
+    "adaptive_kl": False,
+    "reward_normalize": False,
+    "reward_clip": None,
+    "reward_scaling": False,
+    "cliprange_value": None,
+    "critic_pretrain_steps": 0,
+    "max_grad_norm": None,
+    "ptx_coef": 0.0,
+    "whiten_advantages": True,
+    "advantage_clip": None,
+    "entropy_coef": 0.0,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"ppo_max": PPO_MAX_PRESET, "vanilla": VANILLA_PRESET, "none": {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Type helpers used by the CLI / YAML layer
+# ---------------------------------------------------------------------------------------------
+
+
+def field_base_type(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, optional?) of a dataclass field, resolving ``X | None`` annotations."""
+    hints = typing.get_type_hints(cls)
+    tp = hints[name]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    return tp, optional
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the field."""
+    tp, optional = field_base_type(cls, name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{cls.__name__}.{name} may not be None")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{cls.__name__}.{name} = {value!r} is not a valid {tp.__name__}") from None
+    return value
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build ``cls`` from a dict (YAML + flags): unknown keys are errors; presets applied first."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    typed = {k: coerce(cls, k, v) for k, v in values.items()}
+    if cls is PPOConfig:
+        return PPOConfig.from_preset(typed.pop("preset", "ppo_max"), **typed)
+    return cls(**typed)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,5 @@
+"""Exceptions whose message is meant for the user: the CLI prints them without a traceback."""
+
+
+class UserError(Exception):
+    """Bad input (data, paths, checkpoints, reward functions) explained in the message."""

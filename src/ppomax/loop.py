@@ -1,0 +1,142 @@
+"""The supervised training loop shared by SFT and reward-model training.
+
+Each stage supplies a ``loss_fn(model, batch) -> (loss, stats)`` and an ``evaluate(model)``;
+this loop owns batching, gradient accumulation, the LR schedule, clipping, logging, atomic
+checkpoints and exact resume (model, optimizer, scheduler, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax import checkpoint as ckpt_lib
+from ppomax.errors import UserError
+from ppomax.training import (
+    MetricsLogger,
+    autocast,
+    default_device,
+    load_scheduler_state,
+    make_optimizer,
+    make_scheduler,
+    prepare_output_dir,
+    progress,
+    scheduler_state,
+)
+
+logger = logging.getLogger("ppomax")
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled index batches of one epoch (seeded per epoch, so resume can rebuild them)."""
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def run_supervised(
+    cfg: Any,
+    stage: str,
+    model: Any,
+    tokenizer: Any,
+    train_examples: list,
+    collate: Callable[[list], dict],
+    loss_fn: LossFn,
+    evaluate: Callable[[Any], dict[str, float]],
+    save_model: Callable[[Any, Path], None],
+) -> list[dict]:
+    """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir."""
+    device = default_device()
+    out = Path(cfg.output_dir)
+    resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
+    prepare_output_dir(cfg, stage)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    micro = cfg.per_device_train_batch_size
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(train_examples) / (micro * accum)))
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
+    optimizer = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler_type, cfg.warmup_ratio, total)
+
+    step, epoch, batch_pos = 0, 0, 0
+    if resume_ckpt is not None:
+        state = ckpt_lib.load_state(resume_ckpt)
+        if state.get("stage") != stage:
+            raise ckpt_lib.CheckpointError(f"{resume_ckpt} is a {state.get('stage')} checkpoint, not {stage}")
+        from ppomax.models import load_weights_into
+
+        load_weights_into(model, resume_ckpt / "model")
+        ckpt_lib.load_optimizer(resume_ckpt, "model", optimizer)
+        load_scheduler_state(scheduler, state["scheduler"])
+        step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        ckpt_lib.restore_rng(resume_ckpt, state)
+        logger.info("resumed %s from %s at step %d", stage, resume_ckpt, step)
+    metrics = MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None)
+
+    def save(at_step: int) -> None:
+        st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
+        ckpt_lib.save_checkpoint(out, at_step, {"model": model}, {"model": optimizer}, st,
+                                 tokenizer=tokenizer, save_total_limit=cfg.save_total_limit)
+
+    bar = progress(total=total, desc=stage, disable=cfg.disable_tqdm, initial=step)
+    running: dict[str, list[float]] = {}
+    try:
+        groups_epoch, groups = -1, []
+        while step < total:
+            if groups_epoch != epoch:  # rebuild this epoch's shuffled order (same seed on resume)
+                epoch_batches = batches(len(train_examples), micro, cfg.seed, epoch)
+                groups = [epoch_batches[i : i + accum] for i in range(0, len(epoch_batches), accum)]
+                groups_epoch = epoch
+            model.train()
+            group = groups[batch_pos]
+            n_items = sum(len(b) for b in group)
+            for idx in group:
+                batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx]).items()}
+                with autocast(device, cfg.bf16, cfg.fp16):
+                    loss, stats = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
+                                    f"(last checkpoint in {out} is intact)")
+                (loss * len(idx) / n_items).backward()  # example-weighted mean over the group
+                for k, v in stats.items():
+                    running.setdefault(k, []).append(v)
+            params = [p for p in model.parameters() if p.grad is not None]
+            if cfg.max_grad_norm is not None:
+                gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_pos += 1
+            if batch_pos >= len(groups):
+                epoch, batch_pos = epoch + 1, 0
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total:
+                row = {"step": step, "epoch": epoch + batch_pos / len(groups), "grad_norm": gn,
+                       "lr": scheduler.get_last_lr()[0]}
+                row.update({f"train/{k}": sum(v) / len(v) for k, v in running.items()})
+                running.clear()
+                if step % cfg.eval_steps == 0 or step == total:
+                    row.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+                metrics.log(row)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in row.items()
+                                 if k.startswith(("train/loss", "eval/loss", "eval/acc", "train/acc"))})
+            if step % cfg.save_steps == 0 or step == total:
+                save(step)
+    finally:
+        bar.close()
+        metrics.close()
+    save_model(model, out)
+    return metrics.rows

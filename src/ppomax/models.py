@@ -1,0 +1,403 @@
+"""Models: loading causal LMs and tokenizers, the scalar-head model, and a tiny model for tests.
+
+Everything loads with ``local_files_only=True``: ppomax never downloads. A path is a local
+directory, or a hub id already in the local Hugging Face cache.
+
+The scalar-head model is used twice in PPO-max (arXiv 2307.04964): as the reward model (the
+score at the last token is the reward) and as the critic (one value per token, initialised
+from the reward model, the paper's "pretrained initialization" of the critic). On disk it is a plain ``AutoModel`` directory
+plus ``value_head.safetensors`` and a marker ``ppomax_scalar_head.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppomax.errors import UserError
+
+logger = logging.getLogger("ppomax")
+
+HEAD_WEIGHTS = "value_head.safetensors"
+HEAD_MARKER = "ppomax_scalar_head.json"
+HEAD_FORMAT = "ppomax-scalar-head"
+HEAD_FORMAT_VERSION = 1
+
+EOS_TOKEN = "<|endoftext|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+# ChatML, as SmolLM2-Instruct uses it (without its default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model or tokenizer path is neither a local directory nor a cached hub id."""
+
+
+class ModelFormatError(UserError, ValueError):
+    """A directory exists but does not hold what was asked for (config, tokenizer, head)."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load "Loading weights" / "Writing model shards" bars.
+
+    In transformers 5 every from_pretrained/save_pretrained draws a tqdm bar; in a training
+    log they are noise. (This also turns off huggingface_hub bars, which ppomax never needs.)
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _resolve(path: str | os.PathLike, required_file: str | None, what: str) -> str:
+    """A local directory for ``path``: the directory itself, or its snapshot in the HF cache.
+
+    Raises FileNotFoundError naming the path when neither exists, and ValueError when the
+    directory lacks ``required_file``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if required_file and not os.path.isfile(os.path.join(path, required_file)):
+            raise ModelFormatError(f"{path}: not a {what} directory (no {required_file})")
+        return path
+    if os.path.exists(path):
+        raise ModelFormatError(f"{path}: expected a {what} directory, found a file")
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means "not cached"
+            pass
+    raise ModelNotFoundError(
+        f"{path}: no such {what} directory (nor a hub id in the local cache; ppomax never downloads)"
+    )
+
+
+def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
+    """None → float32. transformers 5 defaults to "auto" (the checkpoint's dtype, e.g. bf16 for
+    SmolLM2); ppomax trains in float32 unless asked, so CPU runs are exact and reproducible."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}")
+        return _DTYPES[dtype]
+    return dtype
+
+
+def _auto_load(auto_cls: Any, path: str | os.PathLike, dtype: Any, trust_remote_code: bool) -> Any:
+    """``auto_cls.from_pretrained`` on a local directory, errors naming the path."""
+    quiet_transformers()
+    local = _resolve(path, "config.json", "model")
+    try:
+        return auto_cls.from_pretrained(
+            local, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:  # e.g. config.json present but no weights
+        raise ModelFormatError(f"{os.fspath(path)}: could not load a model ({e})") from e
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer from a local directory, with a pad token guaranteed.
+
+    A tokenizer without a pad token gets pad = eos (logged): padding is always masked by
+    position in ppomax, so sharing the id is harmless. No eos either → ValueError.
+    """
+    from transformers import AutoTokenizer
+
+    local = _resolve(path, None, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            local, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{os.fspath(path)}: could not load a tokenizer ({e})") from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelFormatError(f"{os.fspath(path)}: tokenizer has neither a pad nor an eos token")
+        logger.warning("tokenizer at %s has no pad token; using eos %r as pad", path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> Any:
+    """AutoModelForCausalLM from a local directory (float32 unless ``dtype`` says otherwise)."""
+    from transformers import AutoModelForCausalLM
+
+    return _auto_load(AutoModelForCausalLM, path, dtype, trust_remote_code)
+
+
+def save_causal_lm(model: Any, tokenizer: Any | None, output_dir: str | os.PathLike) -> None:
+    """Save a causal LM (always safetensors in transformers 5) and its tokenizer."""
+    quiet_transformers()
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a (left-)padded batch: (B, T) mask → (B, T) long.
+
+    The first real token of each row gets position 0, as in ``generate``
+    (``_prepare_position_ids_for_generation``: cumsum - 1). Pads get 0 (they are masked out).
+    RoPE models happen to be invariant to a constant shift of positions, but models with
+    absolute position embeddings (GPT-2) are not, so training forwards always pass these.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def gather_last(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """Per-sequence score at its last real token: scores (B, T), last_index (B,) → (B,)."""
+    return scores.gather(1, last_index.long().unsqueeze(1)).squeeze(1)
+
+
+class ScalarHeadModel(nn.Module):
+    """A base transformer (``AutoModel``, no LM head) with a linear head giving one score per token.
+
+    Used as the reward model (read with ``gather_last``) and as the critic (values per token).
+    """
+
+    def __init__(self, backbone: nn.Module, v_head: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        if v_head is None:
+            v_head = nn.Linear(hidden, 1, dtype=torch.float32)
+            # Small random scores at start; std 1/sqrt(hidden+1) as in OpenAI's lm-human-preferences.
+            nn.init.normal_(v_head.weight, std=1.0 / math.sqrt(hidden + 1))
+            nn.init.zeros_(v_head.bias)
+        self.v_head = v_head
+        self.metadata: dict[str, Any] = {}  # saved in the marker json (e.g. reward normalisation)
+
+    @property
+    def config(self) -> Any:
+        return self.backbone.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (B, T) → scores (B, T) float32.
+
+        Position ids default to ``position_ids_from_mask`` so left padding is handled.
+        """
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        # The head runs in float32 even for a bf16 backbone: scores feed losses and advantages.
+        weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
+        return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)  # (B, T)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last hidden states (B, T, H) of the backbone (the RM stage's LM term needs them)."""
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        return self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scalar head on hidden states (B, T, H) -> (B, T), in float32."""
+        weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
+        return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    @classmethod
+    def from_causal_lm_model(cls, causal: nn.Module) -> ScalarHeadModel:
+        """Share the backbone of an already loaded causal LM (its LM head stays usable)."""
+        return cls(getattr(causal, causal.base_model_prefix))
+
+    @classmethod
+    def from_causal_lm(
+        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    ) -> ScalarHeadModel:
+        """Backbone from a causal LM directory (``AutoModel`` drops the LM head), fresh head.
+
+        The head is drawn from the global torch RNG, so seed it for reproducibility.
+        """
+        from transformers import AutoModel
+
+        return cls(_auto_load(AutoModel, path, dtype, trust_remote_code))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    ) -> ScalarHeadModel:
+        """Load a directory written by ``save_pretrained`` (backbone + head + marker)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        local = _resolve(path, "config.json", "scalar-head model")
+        marker = os.path.join(local, HEAD_MARKER)
+        head_file = os.path.join(local, HEAD_WEIGHTS)
+        if not os.path.isfile(marker) or not os.path.isfile(head_file):
+            missing = HEAD_MARKER if not os.path.isfile(marker) else HEAD_WEIGHTS
+            raise ModelFormatError(
+                f"{os.fspath(path)}: not a ppomax scalar-head model (no {missing}); to start a reward "
+                "model or critic from a causal LM use ScalarHeadModel.from_causal_lm"
+            )
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("format") != HEAD_FORMAT:
+            raise ModelFormatError(f"{marker}: unknown format {info.get('format')!r}")
+        backbone = _auto_load(AutoModel, local, dtype, trust_remote_code)
+        state = load_file(head_file)
+        v_head = nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
+        v_head.load_state_dict({k: v.float() for k, v in state.items()})
+        model = cls(backbone, v_head)
+        model.metadata = dict(info.get("metadata", {}))
+        return model
+
+    def save_pretrained(self, output_dir: str | os.PathLike, tokenizer: Any | None = None) -> None:
+        """Backbone (safetensors) + ``value_head.safetensors`` + marker json (+ tokenizer)."""
+        from safetensors.torch import save_file
+
+        quiet_transformers()
+        output_dir = os.fspath(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        self.backbone.save_pretrained(output_dir)
+        head = {k: v.detach().float().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        save_file(head, os.path.join(output_dir, HEAD_WEIGHTS))
+        info = {
+            "format": HEAD_FORMAT,
+            "version": HEAD_FORMAT_VERSION,
+            "hidden_size": self.config.hidden_size,
+            "metadata": self.metadata,
+        }
+        with open(os.path.join(output_dir, HEAD_MARKER), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+
+
+def _corpus_lines(corpus: Sequence[str] | str | os.PathLike | None) -> list[str]:
+    if corpus is None:
+        from importlib.resources import files
+
+        text = files("ppomax").joinpath("assets/tiny_corpus.txt").read_text(encoding="utf-8")
+        return [line for line in text.splitlines() if line.strip()]
+    if isinstance(corpus, (str, os.PathLike)):
+        with open(corpus, encoding="utf-8") as f:
+            return [line for line in f.read().splitlines() if line.strip()]
+    return list(corpus)
+
+
+def build_tiny_model(
+    output_dir: str | os.PathLike,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    vocab_size: int = 512,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    corpus: Sequence[str] | str | os.PathLike | None = None,
+) -> str:
+    """Write a random tiny Llama + byte-level BPE tokenizer to ``output_dir`` (for tests/demos).
+
+    The tokenizer is trained on ``corpus`` (lines of text, a text file path, or the built-in
+    English corpus when None), with ``<|endoftext|>`` as bos = eos = pad (like SmolLM2, so the
+    pad == eos code paths are exercised) and a ChatML template. Global RNG state is untouched.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
+    n_special = 1 + len(CHAT_TOKENS)
+    if vocab_size < 256 + n_special + 1:
+        raise ValueError(f"vocab_size must be at least {256 + n_special + 1} (bytes + special tokens)")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, *CHAT_TOKENS],  # ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus_lines(corpus), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        additional_special_tokens=list(CHAT_TOKENS),  # saved as "extra_special_tokens" in v5
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=512,
+    )
+    eos_id = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    save_causal_lm(model, tokenizer, output_dir)
+    return os.fspath(output_dir)
+
+
+def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load safetensors weights saved by ``save_pretrained`` into an existing model, in place.
+
+    Used by resume, which must keep the model object (optimizers hold its parameters).
+    Only safetensors are read; a tied LM head may be absent from the file.
+    """
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    target = model.backbone if isinstance(model, ScalarHeadModel) else model
+    files = sorted(
+        f for f in os.listdir(directory) if f.endswith(".safetensors") and f != HEAD_WEIGHTS
+    ) if os.path.isdir(directory) else []
+    if not files:
+        raise ModelFormatError(f"{directory}: no safetensors weights to load")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(os.path.join(directory, f)))
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(target.config, "tie_word_embeddings", False)}
+    if unexpected or set(missing) - tied:
+        raise ModelFormatError(
+            f"{directory}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    if isinstance(model, ScalarHeadModel):
+        head = load_file(os.path.join(directory, HEAD_WEIGHTS))
+        model.v_head.load_state_dict({k: v.float() for k, v in head.items()})

@@ -1,0 +1,89 @@
+"""Collapse monitors (paper Sec. 5.2, App. A) and the collapse guard.
+
+Reward and loss curves do not reveal over-optimisation; the paper's indicators are KL to the
+reference rising, the policy's perplexity on its own samples falling, response length drifting
+(often to the cap), and a long tail in the reward distribution. Metric names are fixed and
+documented in docs/metrics.md (generated from ``ppomax.report.METRIC_DOCS``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ppomax import functional as F
+
+
+def _pct(x: torch.Tensor, q: float) -> float:
+    return torch.quantile(x.double(), q).item() if x.numel() else float("nan")
+
+
+def experience_metrics(exp) -> dict[str, float]:
+    """Monitors of one experience buffer (before the update)."""
+    mask = exp.mask
+    raw = exp.scores.float()
+    lengths = mask.sum(-1)
+    nll = -F.masked_mean(exp.logprobs, mask)  # token mean NLL of the policy on its own samples
+    seq_kl = F.masked_sum(exp.logprobs - exp.ref_logprobs, mask, dim=-1)  # k1 summed per response
+    m = {
+        "reward/raw_mean": raw.mean().item(),
+        "reward/raw_std": raw.std().item() if raw.numel() > 1 else 0.0,
+        "reward/raw_p50": _pct(raw, 0.5),
+        "reward/raw_p90": _pct(raw, 0.9),
+        "reward/raw_p99": _pct(raw, 0.99),
+        "reward/raw_max": raw.max().item(),
+        "kl/ref": seq_kl.mean().item(),
+        "policy/perplexity": math.exp(min(nll.item(), 50.0)),
+        "response/length_mean": lengths.mean().item(),
+        "response/truncated_frac": exp.truncated.float().mean().item(),
+    }
+    if exp.processed_scores is not None:
+        m["reward/processed_mean"] = exp.processed_scores.float().mean().item()
+    if exp.advantages is not None:
+        m["adv/mean"] = F.masked_mean(exp.advantages, mask).item()
+        m["adv/std"] = F.masked_var(exp.advantages, mask).sqrt().item()
+        m["returns/mean"] = F.masked_mean(exp.returns, mask).item()
+        m["returns/std"] = F.masked_var(exp.returns, mask).sqrt().item()
+        m["critic/explained_variance"] = F.explained_variance(exp.values, exp.returns, mask).item()
+        m["critic/value_mean"] = F.masked_mean(exp.values, mask).item()
+    return m
+
+
+@dataclass
+class CollapseGuard:
+    """Thresholds on the monitors; ``check`` returns the reasons a step looks collapsed.
+
+    The perplexity threshold is relative to the first PPO step's perplexity (the SFT policy's).
+    """
+
+    max_kl: float
+    min_ppl_ratio: float
+    max_truncated: float
+    start_ppl: float | None = None
+    start_truncated: float | None = None
+
+    def check(self, metrics: dict[str, float]) -> list[str]:
+        reasons = []
+        ppl = metrics.get("policy/perplexity")
+        trunc = metrics.get("response/truncated_frac", 0.0)
+        if self.start_ppl is None and ppl is not None:
+            self.start_ppl = ppl
+        if self.start_truncated is None:
+            self.start_truncated = trunc
+        if metrics.get("kl/ref", 0.0) > self.max_kl:
+            reasons.append(f"KL to reference {metrics['kl/ref']:.2f} > {self.max_kl}")
+        if ppl is not None and self.start_ppl and ppl < self.min_ppl_ratio * self.start_ppl:
+            reasons.append(f"perplexity {ppl:.2f} < {self.min_ppl_ratio} × start {self.start_ppl:.2f}")
+        # Relative to the start: an SFT policy that already runs into a short cap is not a collapse.
+        if trunc > self.max_truncated and trunc > self.start_truncated + 0.2:
+            reasons.append(f"{trunc:.0%} of responses hit the length cap (start {self.start_truncated:.0%})")
+        return reasons
+
+    def state_dict(self) -> dict:
+        return {"start_ppl": self.start_ppl, "start_truncated": self.start_truncated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_ppl = state.get("start_ppl")
+        self.start_truncated = state.get("start_truncated")

@@ -1,0 +1,167 @@
+"""Rollout: sample responses with the policy, then score them and compute everything PPO needs.
+
+Shapes: B = prompts in the batch, P = prompt length (left-padded), T = response length
+(right-padded), V = vocabulary. The full sequence is ``[prompt | response]`` of length P + T;
+the logits that predict response token t sit at position P + t − 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ppomax import functional as F
+from ppomax.models import position_ids_from_mask
+
+
+@dataclass
+class Experience:
+    """One experience buffer (rollout batch). Every tensor's first dimension is B."""
+
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded prompt tokens
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) long, right-padded sampled tokens (EOS included)
+    mask: torch.Tensor  # (B, T) float, 1 on response tokens up to and including EOS
+    truncated: torch.Tensor  # (B,) bool, hit the length cap without EOS
+    logprobs: torch.Tensor  # (B, T) log π_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t|s_t) at the same temperature
+    values: torch.Tensor  # (B, T) V_old(s_t)
+    scores: torch.Tensor  # (B,) raw reward-model / reward_fn score r(x, y)
+    processed_scores: torch.Tensor | None = None  # (B,) r̃ after penalty, normalisation, clipping
+    rewards: torch.Tensor | None = None  # (B, T) shaped token rewards: −η·KL_t (+ r̃ at the last token)
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to π_ref (the shaping estimator)
+    advantages: torch.Tensor | None = None  # (B, T) GAE Â_t
+    returns: torch.Tensor | None = None  # (B, T) R_t = Â_t + V_t
+
+    def index(self, idx: torch.Tensor) -> Experience:
+        """A sub-batch (e.g. a mini-batch) with the same fields."""
+        return Experience(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                             for f in fields(self)})
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sample one token per row from logits (B, V) / temperature, with optional top-k / top-p."""
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop tokens once the mass *before* them already exceeds top_p (keeps at least one)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) > top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_at_eos: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KV-cache sampling loop over a left-padded prompt batch.
+
+    Returns (response_ids (B, T) right-padded with pad, mask (B, T) float, truncated (B,) bool).
+    Written out instead of ``model.generate`` so that sampling and the PPO log-probs use one
+    distribution (temperature-scaled softmax) and position ids match the training forward.
+    """
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    attn = prompt_mask.clone()
+    pos = position_ids_from_mask(attn)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past = out.past_key_values
+    next_logits = out.logits[:, -1, :]
+    last_pos = pos[:, -1:]
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ended_with_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        tok = sample_from_logits(next_logits, temperature, top_k, top_p)
+        tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+        tokens[:, t] = tok
+        mask[:, t] = (~finished).float()
+        if stop_at_eos and eos_token_id is not None:
+            is_eos = (tok == eos_token_id) & ~finished
+            ended_with_eos |= is_eos
+            finished |= is_eos
+            if bool(finished.all()):
+                tokens, mask = tokens[:, : t + 1], mask[:, : t + 1]
+                break
+        if t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=last_pos,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        next_logits = out.logits[:, -1, :]
+    truncated = ~ended_with_eos
+    return tokens, mask, truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes over [prompt | response]
+# ---------------------------------------------------------------------------------------------
+
+
+def response_logits(model, prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
+    """Logits (B, T, V) predicting each response token (positions P−1 … P+T−2 of the sequence)."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    return out.logits[:, P - 1 : P + T - 1, :]
+
+
+def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: bool = False):
+    """log π(a_t|s_t) (B, T) at ``temperature`` (and the entropy (B, T) if asked)."""
+    prompt_ids, prompt_mask, response_ids, mask = exp_or_parts
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, mask) / temperature
+    logp = F.logprobs_from_logits(logits, response_ids)
+    if with_entropy:
+        return logp, F.entropy_from_logits(logits)
+    return logp
+
+
+def response_values(critic, prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
+    """V(s_t) (B, T): the critic's score at the position that predicts response token t."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    v = critic(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn))
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    return v[:, P - 1 : P + T - 1]
+
+
+def reward_model_scores(reward_model, prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
+    """r(x, y) (B,): the reward model's score at the last response token (paper Sec. 4)."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    s = reward_model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn))
+    last = prompt_ids.shape[1] + F.last_token_index(mask)
+    return s[torch.arange(s.shape[0], device=s.device), last]

@@ -1,0 +1,615 @@
+"""PPOTrainer: the PPO-max loop, top to bottom.
+
+One iteration (PPO_MAX.md "One PPO iteration"):
+    make_experience  -> sample prompts, generate, score, forward π_old / π_ref / V_old
+    compute_advantages -> score processing (Eq. 18), KL shaping, GAE (Eq. 12-13)
+    update           -> num_ppo_epochs × mini-batches of clipped policy + value loss (+ ptx)
+    log / checkpoint / collapse guard
+
+Critic pre-training (Sec. 5.4) runs the same loop with the policy frozen for
+``critic_pretrain_steps`` iterations first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax import checkpoint as ckpt_lib
+from ppomax import functional as F
+from ppomax.config import ConfigError, PPOConfig
+from ppomax.errors import UserError
+from ppomax.ppo.monitors import CollapseGuard, experience_metrics
+from ppomax.ppo.rollout import (
+    Experience,
+    generate,
+    response_logprobs,
+    response_values,
+    reward_model_scores,
+)
+from ppomax.training import (
+    MetricsLogger,
+    autocast,
+    default_device,
+    grad_norm,
+    load_scheduler_state,
+    make_optimizer,
+    make_scheduler,
+    prepare_output_dir,
+    progress,
+    scheduler_state,
+    set_seed,
+)
+
+logger = logging.getLogger("ppomax")
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
+
+
+class CollapseStop(UserError):
+    """The collapse guard (mode 'stop') ended the run; the last checkpoint holds the state."""
+
+
+class IndexSampler:
+    """Epoch-wise shuffled indices with a resumable position (seeded, independent of global RNG)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make_perm()
+            take = min(k - len(out), self.n - self.pos)
+            out += self._perm[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._perm = self._make_perm()
+
+
+class PPOTrainer:
+    """PPO-max trainer.
+
+    Args:
+        config: a :class:`PPOConfig` (e.g. ``PPOConfig.from_preset("ppo_max", ...)``).
+        policy / ref_policy / reward_model / critic: models, or None to load from the paths in
+            ``config`` (policy and reference from ``model_name_or_path`` / ``ref_model_path``).
+        tokenizer: shared by all four models; loaded from ``model_name_or_path`` if None.
+        prompts: list of strings (or prompt rows); None reads ``config.dataset``.
+        reward_fn: ``reward_fn(prompts, responses) -> list[float]`` used instead of a reward model.
+        gold_fn: optional ``gold_fn(prompts, responses, truncated) -> list[float]``, logged as
+            ``gold/mean`` (a task's judge; never used for training).
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy=None,
+        ref_policy=None,
+        reward_model=None,
+        critic=None,
+        tokenizer=None,
+        prompts: Sequence[str] | Sequence[dict] | None = None,
+        reward_fn: RewardFn | None = None,
+        gold_fn: GoldFn | None = None,
+        ptx_rows: Sequence[dict] | None = None,
+    ) -> None:
+        from ppomax import data as D
+        from ppomax import models as M
+
+        self.cfg = cfg = config
+        self.reward_fn, self.gold_fn = reward_fn, gold_fn
+        if cfg.output_dir is None:
+            raise ConfigError("PPOConfig.output_dir is required (flag --output_dir)")
+        if reward_model is None and reward_fn is None and cfg.reward_model_path is None:
+            raise ConfigError("PPO needs a reward: --reward_model_path, or reward_fn= in Python")
+        if policy is None and cfg.model_name_or_path is None:
+            raise ConfigError("PPOConfig.model_name_or_path is required (flag --model_name_or_path)")
+        self.device = default_device()
+        set_seed(cfg.seed)
+
+        # ---- data first: bad rows fail before any model is loaded -----------------------------
+        if tokenizer is None:
+            tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = tokenizer
+        source = prompts if prompts is not None else cfg.dataset
+        if source is None:
+            raise ConfigError("PPOConfig.dataset is required (flag --dataset), or pass prompts=")
+        rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows)
+        self.prompt_ids, n_trunc, n_drop = [], 0, 0
+        self.prompt_texts: list[str] = []
+        for row in rows:
+            ids = D.encode_prompt(tokenizer, row["prompt"])
+            fitted = D.fit_prompt(ids, cfg.max_prompt_length, cfg.truncation_mode)
+            if fitted is None:
+                n_drop += 1
+                continue
+            n_trunc += len(fitted) < len(ids)
+            self.prompt_ids.append(fitted)
+        if not self.prompt_ids:
+            raise UserError("no prompts left after length filtering (max_prompt_length / truncation_mode)")
+        logger.info("prompts: %d used, %d bad rows skipped, %d left-truncated, %d dropped as too long",
+                    len(self.prompt_ids), n_bad, n_trunc, n_drop)
+        self.ptx_examples = None
+        if cfg.ptx_coef > 0 and (ptx_rows is not None or cfg.ptx_dataset is not None):
+            ptx_src = ptx_rows if ptx_rows is not None else cfg.ptx_dataset
+            ptx, _ = D.load_rows(ptx_src, "sft", skip_bad_rows=cfg.skip_bad_rows)
+            self.ptx_examples, _ = D.tokenize_sft(ptx, tokenizer, cfg.max_length_ptx, cfg.max_prompt_length, cfg.truncation_mode)
+        elif cfg.ptx_coef > 0:
+            logger.warning("ptx_coef = %s but no ptx_dataset: PPO-ptx is off", cfg.ptx_coef)
+        self.pad_id = tokenizer.pad_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+        # ---- models --------------------------------------------------------------------------
+        rc = cfg.trust_remote_code
+        self.policy = policy if policy is not None else M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+        if ref_policy is None:
+            ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
+        self.ref_policy = ref_policy
+        if reward_model is None and reward_fn is None:
+            reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+        self.reward_model = reward_model
+        if critic is None:
+            if cfg.critic_model_path:
+                critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, trust_remote_code=rc)
+            elif cfg.critic_init == "reward_model":
+                if cfg.reward_model_path is None:
+                    raise ConfigError("critic_init='reward_model' needs --reward_model_path or --critic_model_path; "
+                                      "with a reward_fn use critic_init='sft'")
+                critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+            else:
+                critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+        self.critic = critic
+        for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
+            if m is not None:
+                m.to(self.device)
+        for frozen in (self.ref_policy, self.reward_model):
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            self.critic.gradient_checkpointing_enable()
+
+        # ---- optimisation state --------------------------------------------------------------
+        betas = (cfg.adam_beta1, cfg.adam_beta2)
+        self.policy_opt = make_optimizer(self.policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas)
+        self.critic_opt = make_optimizer(self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas)
+        self.policy_sched = make_scheduler(self.policy_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps)
+        self.critic_sched = make_scheduler(self.critic_opt, cfg.lr_scheduler_type, cfg.warmup_ratio,
+                                           cfg.max_steps + cfg.critic_pretrain_steps)
+        self.score_moments = F.RunningMoments()
+        self.kl_ctl = F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
+        self.kl_coef = cfg.kl_coef
+        self.sampler = IndexSampler(len(self.prompt_ids), cfg.seed)
+        self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1) if self.ptx_examples else None
+        self.guard = CollapseGuard(cfg.collapse_kl, cfg.collapse_ppl_ratio, cfg.collapse_truncated)
+        self.iteration = 0  # global counter: critic pre-training iterations, then PPO iterations
+        self.consecutive_skips = 0
+        self.last_healthy: str | None = None
+        self.out = Path(cfg.output_dir)
+
+    # =========================================================================================
+    # The loop
+    # =========================================================================================
+
+    @property
+    def total_iterations(self) -> int:
+        return self.cfg.critic_pretrain_steps + self.cfg.max_steps
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run critic pre-training then PPO; return the logged metric rows."""
+        cfg = self.cfg
+        resume_ckpt = None
+        if cfg.resume_from:
+            resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from)
+        prepare_output_dir(cfg, "ppo")
+        if resume_ckpt is not None:
+            self._load(resume_ckpt)
+        self.metrics = MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
+        samples_path = self.out / "samples.jsonl"
+        if resume_ckpt is None and samples_path.exists():
+            samples_path.unlink()
+        bar = progress(total=self.total_iterations, desc="ppo", disable=cfg.disable_tqdm, initial=self.iteration)
+        try:
+            while self.iteration < self.total_iterations:
+                self.iteration += 1
+                pretrain = self.iteration <= cfg.critic_pretrain_steps
+                row = self.step(train_policy=not pretrain)
+                row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
+                           ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
+                if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
+                    self.metrics.log(row)
+                    self._write_samples(samples_path, row)
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
+                                 ("reward/raw_mean", "gold/mean", "kl/ref", "policy/perplexity") if k in row})
+                action = self._collapse_check(row, pretrain)
+                if action == "stop":
+                    self.save()
+                    raise CollapseStop(f"collapse guard stopped the run at iteration {self.iteration}: "
+                                       f"{'; '.join(row['collapse'])} (checkpoint saved)")
+                if self.iteration % cfg.save_steps == 0 or self.iteration == self.total_iterations:
+                    self.save()
+                    if not row.get("collapse"):
+                        self.last_healthy = str(self.out / f"checkpoint-{self.iteration}")
+        finally:
+            bar.close()
+            self.metrics.close()
+        return self.metrics.rows
+
+    def step(self, train_policy: bool = True) -> dict[str, float]:
+        """One iteration: experience → advantages → update. Returns the metric row."""
+        t0 = time.perf_counter()
+        exp, timings = self.make_experience()
+        row = dict(timings)
+        finite = bool(torch.isfinite(exp.scores).all())
+        if not finite:
+            row.update(self._skip("non-finite reward scores"))
+            row.update(experience_metrics(exp))
+            return row
+        self.compute_advantages(exp)
+        row.update(experience_metrics(exp))
+        row["kl/coef"] = self.kl_coef
+        if self.gold_fn is not None:
+            row.update(self._gold_metrics(exp))
+        t1 = time.perf_counter()
+        stats = self.update(exp, train_policy=train_policy)
+        row["time/train"] = time.perf_counter() - t1
+        row.update(stats)
+        if self.kl_ctl is not None and train_policy:
+            self.kl_ctl.update(row["kl/ref"], exp.scores.numel())
+            self.kl_coef = self.kl_ctl.value
+        row["time/iteration"] = time.perf_counter() - t0
+        n_tokens = exp.mask.sum().item() + exp.prompt_mask.sum().item()
+        row["tokens_per_s"] = n_tokens / max(row["time/iteration"], 1e-9)
+        self._last_exp = exp
+        return row
+
+    # =========================================================================================
+    # Experience
+    # =========================================================================================
+
+    @torch.no_grad()
+    def make_experience(self) -> tuple[Experience, dict[str, float]]:
+        from ppomax.data import collate_prompts
+
+        cfg = self.cfg
+        idx = self.sampler.take(cfg.rollout_batch_size)
+        batch = collate_prompts([self.prompt_ids[i] for i in idx], self.pad_id)
+        prompt_ids, prompt_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        timings = {"time/generate": 0.0, "time/score": 0.0, "time/forward": 0.0}
+        chunks = []
+        self.policy.eval()
+        self.critic.eval()
+        for s in range(0, len(idx), cfg.generation_batch_size):
+            p_ids, p_mask = prompt_ids[s : s + cfg.generation_batch_size], prompt_mask[s : s + cfg.generation_batch_size]
+            t = time.perf_counter()
+            with autocast(self.device, cfg.bf16, cfg.fp16):
+                resp, mask, truncated = generate(
+                    self.policy, p_ids, p_mask, cfg.response_length, self.eos_id, self.pad_id,
+                    cfg.temperature, cfg.top_k, cfg.top_p,
+                )
+            timings["time/generate"] += time.perf_counter() - t
+            t = time.perf_counter()
+            scores = self._score(p_ids, p_mask, resp, mask)
+            timings["time/score"] += time.perf_counter() - t
+            t = time.perf_counter()
+            parts = (p_ids, p_mask, resp, mask)
+            with autocast(self.device, cfg.bf16, cfg.fp16):
+                logp = response_logprobs(self.policy, parts, cfg.temperature)
+                ref_logp = response_logprobs(self.ref_policy, parts, cfg.temperature)
+                values = response_values(self.critic, *parts)
+            timings["time/forward"] += time.perf_counter() - t
+            chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
+        exp = Experience(*_cat_padded(chunks, self.pad_id))
+        return exp, timings
+
+    def _score(self, p_ids, p_mask, resp, mask) -> torch.Tensor:
+        if self.reward_fn is None:
+            with autocast(self.device, self.cfg.bf16, self.cfg.fp16):
+                return reward_model_scores(self.reward_model, p_ids, p_mask, resp, mask).float()
+        prompts, responses = self._decode(p_ids, p_mask, resp, mask)
+        out = self.reward_fn(prompts, responses)
+        try:
+            values = [float(v) for v in out]
+        except (TypeError, ValueError):
+            raise UserError(f"reward_fn must return a list of numbers, got {type(out).__name__}: {str(out)[:80]}") from None
+        if len(values) != len(prompts):
+            raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
+        return torch.tensor(values, dtype=torch.float32, device=resp.device)
+
+    def _decode(self, p_ids, p_mask, resp, mask) -> tuple[list[str], list[str]]:
+        tok = self.tokenizer
+        prompts = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(p_ids, p_mask)]
+        responses = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(resp, mask)]
+        return prompts, responses
+
+    def compute_advantages(self, exp: Experience) -> None:
+        """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and GAE (Eq. 12-13), in place."""
+        cfg = self.cfg
+        scores = exp.scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * exp.truncated.float()
+        # Running moments over every score seen so far (Eq. 18: μ, σ of the history).
+        self.score_moments.update(scores)
+        if cfg.reward_normalize:
+            scores = F.normalize_and_clip(scores, self.score_moments.mean, self.score_moments.std, cfg.reward_clip)
+        elif cfg.reward_scaling:
+            scores = F.scale_rewards(scores, self.score_moments.std)
+            if cfg.reward_clip is not None:
+                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        elif cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        exp.processed_scores = scores
+        exp.kl = F.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
+        rewards = F.shape_rewards(scores, exp.kl, exp.mask, self.kl_coef)
+        if cfg.whiten_rewards:
+            rewards = F.whiten(rewards, exp.mask, shift_mean=False)
+        exp.rewards = rewards
+        exp.advantages, exp.returns = F.gae(rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
+
+    # =========================================================================================
+    # Update
+    # =========================================================================================
+
+    def update(self, exp: Experience, train_policy: bool = True) -> dict[str, float]:
+        """num_ppo_epochs passes of mini-batches; micro-batches accumulate gradients."""
+        cfg = self.cfg
+        B = exp.scores.numel()
+        mini = min(cfg.mini_batch_size, B)
+        micro = min(cfg.per_device_train_batch_size, mini)
+        self.policy.train()
+        self.critic.train()
+        acc: dict[str, list[float]] = {}
+        for _ in range(cfg.num_ppo_epochs):
+            perm = torch.randperm(B, device=self.device)
+            for s in range(0, B, mini):
+                mb = exp.index(perm[s : s + mini])
+                adv = mb.advantages
+                if cfg.whiten_advantages:  # per mini-batch (Sec. 5.3.1, detail 6)
+                    adv = F.whiten(adv, mb.mask)
+                if cfg.advantage_clip is not None:
+                    adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
+                n_tok = mb.mask.sum()
+                for m0 in range(0, mb.scores.numel(), micro):
+                    sl = slice(m0, m0 + micro)
+                    st = self._micro_step(mb.index(torch.arange(mb.scores.numel(), device=self.device)[sl]),
+                                          adv[sl], n_tok, train_policy)
+                    for k, v in st.items():
+                        acc.setdefault(k, []).append(v)
+                if train_policy and self.ptx_examples is not None:
+                    for k, v in self._ptx_step().items():
+                        acc.setdefault(k, []).append(v)
+                for k, v in self._optimizer_step(train_policy).items():
+                    acc.setdefault(k, []).append(v)
+        self.critic_sched.step()
+        if train_policy:
+            self.policy_sched.step()
+        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}
+        out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
+        out["lr/critic"] = self.critic_sched.get_last_lr()[0]
+        return out
+
+    def _micro_step(self, mb: Experience, adv: torch.Tensor, n_tok: torch.Tensor, train_policy: bool) -> dict[str, float]:
+        cfg = self.cfg
+        parts = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask)
+        stats = {}
+        if train_policy:
+            with autocast(self.device, cfg.bf16, cfg.fp16):
+                logp, entropy = response_logprobs(self.policy, parts, cfg.temperature, with_entropy=True)
+            # Sec. 5.3.2 "importance sampling fixed to the reference": ρ = π_θ / π_ref.
+            old = mb.ref_logprobs if cfg.importance_sampling_ref else mb.logprobs
+            pg_loss, pst = F.policy_loss(logp, old, adv, mb.mask, cfg.cliprange, num_tokens=n_tok)
+            ent = F.masked_mean(entropy, mb.mask, num_tokens=n_tok)
+            loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else pg_loss
+            loss.backward()
+            share = mb.mask.sum() / n_tok  # this micro-batch's share of the mini-batch tokens
+            stats.update({"policy/loss": pg_loss.item() / max(share.item(), 1e-9), "policy/clipfrac": pst.clipfrac.item(),
+                          "policy/approx_kl": pst.approx_kl.item(), "policy/entropy": ent.item() / max(share.item(), 1e-9)})
+        with autocast(self.device, cfg.bf16, cfg.fp16):
+            values = response_values(self.critic, *parts).float()
+        v_loss, vst = F.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value, num_tokens=n_tok)
+        (cfg.vf_coef * v_loss).backward()
+        share = (mb.mask.sum() / n_tok).item()
+        stats.update({"critic/value_loss": v_loss.item() / max(share, 1e-9), "critic/clipfrac": vst.clipfrac.item()})
+        return stats
+
+    def _ptx_step(self) -> dict[str, float]:
+        """PPO-ptx (Eq. 17): λ_ptx · LM loss on a micro-batch of SFT / pre-training rows."""
+        from ppomax.data import collate_sft
+
+        cfg = self.cfg
+        idx = self.ptx_sampler.take(min(cfg.per_device_train_batch_size, len(self.ptx_examples)))
+        batch = collate_sft([self.ptx_examples[i] for i in idx], self.pad_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with autocast(self.device, cfg.bf16, cfg.fp16):
+            out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        m = (labels != -100).float()
+        nll = -F.logprobs_from_logits(logits, labels.clamp(min=0))
+        loss = F.masked_mean(nll, m)
+        (cfg.ptx_coef * loss).backward()
+        return {"ptx/loss": loss.item()}
+
+    def _optimizer_step(self, train_policy: bool) -> dict[str, float]:
+        """Clip, check for non-finite gradients, step. A non-finite update is skipped, not applied."""
+        cfg = self.cfg
+        stats = {}
+        models = [("critic", self.critic, self.critic_opt)]
+        if train_policy:
+            models.insert(0, ("policy", self.policy, self.policy_opt))
+        norms = {}
+        for name, model, _ in models:
+            params = [p for p in model.parameters() if p.grad is not None]
+            if cfg.max_grad_norm is not None:
+                norms[name] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                norms[name] = grad_norm(params)
+            stats[f"grad_norm/{name}"] = norms[name]
+        bad = [n for n, v in norms.items() if not math.isfinite(v)]
+        if bad:
+            stats.update(self._skip(f"non-finite gradient norm ({', '.join(bad)})"))
+        else:
+            self.consecutive_skips = 0
+            for _, _, opt in models:
+                opt.step()
+        for _, _, opt in models:
+            opt.zero_grad(set_to_none=True)
+        if not train_policy:
+            self.policy_opt.zero_grad(set_to_none=True)
+        return stats
+
+    def _skip(self, cause: str) -> dict[str, float]:
+        self.consecutive_skips += 1
+        logger.warning("iteration %d: update skipped: %s (%d in a row)", self.iteration, cause, self.consecutive_skips)
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise UserError(f"stopped after {self.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
+                            f"The last good checkpoint in {self.out} is intact.")
+        return {"skipped": 1.0, "skip_cause": cause}
+
+    # =========================================================================================
+    # Monitoring, gold metrics, samples
+    # =========================================================================================
+
+    def _gold_metrics(self, exp: Experience) -> dict[str, float]:
+        prompts, responses = self._decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
+        gold = self.gold_fn(prompts, responses, exp.truncated.tolist())
+        g = torch.tensor([float(x) for x in gold])
+        self._last_gold = g.tolist()
+        return {"gold/mean": g.mean().item(), "gold/well_formed": (g >= -1.0).float().mean().item()}
+
+    def _write_samples(self, path: Path, row: dict) -> None:
+        import json
+
+        exp = getattr(self, "_last_exp", None)
+        n = min(self.cfg.num_sample_generations, exp.scores.numel() if exp is not None else 0)
+        if n == 0:
+            return
+        prompts, responses = self._decode(exp.prompt_ids[:n], exp.prompt_mask[:n], exp.response_ids[:n], exp.mask[:n])
+        gold = getattr(self, "_last_gold", None)
+        with open(path, "a", encoding="utf-8") as fh:
+            for i in range(n):
+                fh.write(json.dumps({"step": row["step"], "ppo_step": row["ppo_step"], "phase": row["phase"],
+                                     "prompt": prompts[i], "response": responses[i],
+                                     "score": exp.scores[i].item(), "gold": gold[i] if gold else None}) + "\n")
+
+    def _collapse_check(self, row: dict, pretrain: bool) -> str | None:
+        if self.cfg.collapse_guard == "off" or pretrain:
+            return None
+        reasons = self.guard.check(row)
+        if not reasons:
+            return None
+        row["collapse"] = reasons
+        mode = self.cfg.collapse_guard
+        logger.warning("iteration %d: collapse signal: %s", self.iteration, "; ".join(reasons))
+        if mode == "stop":
+            return "stop"
+        if mode == "rollback" and self.last_healthy:
+            logger.warning("rolling back to %s and multiplying η by %s", self.last_healthy, self.cfg.rollback_kl_factor)
+            it = self.iteration
+            self._load(Path(self.last_healthy), restore_rng=False)
+            self.kl_coef *= self.cfg.rollback_kl_factor
+            if self.kl_ctl is not None:
+                self.kl_ctl.value = self.kl_coef
+            self.iteration = it  # keep counting forward: metrics rows stay unique
+            return "rollback"
+        return None
+
+    # =========================================================================================
+    # Checkpoints
+    # =========================================================================================
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "kl_coef": self.kl_coef,
+            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
+            "score_moments": self.score_moments.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
+            "policy_sched": scheduler_state(self.policy_sched),
+            "critic_sched": scheduler_state(self.critic_sched),
+            "guard": self.guard.state_dict(),
+            "consecutive_skips": self.consecutive_skips,
+            "last_healthy": self.last_healthy,
+            "model_signature": self._signature(),
+        }
+
+    def _signature(self) -> dict[str, Any]:
+        pc = self.policy.config
+        return {"policy": [type(self.policy).__name__, pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
+                "n_params": sum(p.numel() for p in self.policy.parameters())}
+
+    def save(self) -> Path:
+        return ckpt_lib.save_checkpoint(
+            self.out, self.iteration, {"policy": self.policy, "critic": self.critic},
+            {"policy": self.policy_opt, "critic": self.critic_opt}, self.state_dict(),
+            tokenizer=self.tokenizer, save_total_limit=self.cfg.save_total_limit,
+        )
+
+    def _load(self, path: Path, restore_rng: bool = True) -> None:
+        from ppomax import models as M
+
+        state = ckpt_lib.load_state(path)
+        if state.get("model_signature") != self._signature():
+            raise ckpt_lib.CheckpointError(f"{path} was written for a different model "
+                                           f"({state.get('model_signature')} vs {self._signature()})")
+        M.load_weights_into(self.policy, path / "policy")
+        M.load_weights_into(self.critic, path / "critic")
+        ckpt_lib.load_optimizer(path, "policy", self.policy_opt)
+        ckpt_lib.load_optimizer(path, "critic", self.critic_opt)
+        load_scheduler_state(self.policy_sched, state["policy_sched"])
+        load_scheduler_state(self.critic_sched, state["critic_sched"])
+        self.iteration = int(state["iteration"])
+        self.kl_coef = float(state["kl_coef"])
+        if self.kl_ctl is not None and state.get("kl_ctl"):
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ptx_sampler is not None and state.get("ptx_sampler"):
+            self.ptx_sampler.load_state_dict(state["ptx_sampler"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.last_healthy = state.get("last_healthy")
+        if restore_rng:
+            ckpt_lib.restore_rng(path, state)
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+
+def _cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
+    """Concatenate rollout chunks whose prompt (left-padded) / response (right-padded) widths differ."""
+    P = max(c[0].shape[1] for c in chunks)
+    T = max(c[2].shape[1] for c in chunks)
+    out = [[] for _ in range(len(chunks[0]))]
+    for c in chunks:
+        p_ids, p_mask, resp, mask, trunc, logp, ref_logp, values, scores = c
+        lp, rt = P - p_ids.shape[1], T - resp.shape[1]
+        out[0].append(torch.nn.functional.pad(p_ids, (lp, 0), value=pad_id))
+        out[1].append(torch.nn.functional.pad(p_mask, (lp, 0), value=0))
+        out[2].append(torch.nn.functional.pad(resp, (0, rt), value=pad_id))
+        for j, x in ((3, mask), (5, logp), (6, ref_logp), (7, values)):
+            out[j].append(torch.nn.functional.pad(x, (0, rt), value=0.0))
+        out[4].append(trunc)
+        out[8].append(scores)
+    return [torch.cat(x, dim=0) for x in out]

@@ -1,0 +1,528 @@
+"""Collapse-monitoring plots and markdown/HTML reports for demo and ablation runs.
+
+Reward and loss curves do not reveal over-optimisation (paper Sec. 5.2, App. A); the report
+therefore puts the paper's indicators side by side for every method: RM reward vs gold score,
+KL(π‖π_ref), policy perplexity on its own samples, response length and the reward tail.
+
+:data:`METRIC_DOCS` is the single source of the metric names and their meaning: logs, plots,
+reports and ``docs/metrics.md`` (via :func:`metrics_table_markdown`) all use it.
+matplotlib is imported inside the plotting function (Agg backend) so ``import ppomax`` stays fast.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# name -> (meaning, what a collapse looks like). Indicators follow Zheng et al. 2023, Sec. 5.2.
+METRIC_DOCS: dict[str, tuple[str, str]] = {
+    "reward/raw_mean": ("mean reward-model score of the sampled responses, before normalisation", "keeps rising while gold/mean falls (reward hacking)"),
+    "reward/raw_p50": ("median raw RM score in the batch", "stays flat while p99 pulls away"),
+    "reward/raw_p90": ("90th percentile of the raw RM score", "separates from the median"),
+    "reward/raw_p99": ("99th percentile of the raw RM score", "grows a long tail far above p50"),
+    "reward/raw_max": ("largest raw RM score in the batch", "outlier scores explode"),
+    "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
+    "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
+    "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
+    "kl/ref": ("KL(π‖π_ref) per response on the sampled tokens (nats)", "rises steadily without levelling off"),
+    "kl/coef": ("KL penalty coefficient β in use", "an adaptive β keeps climbing: the policy keeps pulling away"),
+    "policy/perplexity": ("perplexity of the policy on its own samples", "falls towards 1: over-confident fixed patterns"),
+    "policy/entropy": ("mean token entropy of the policy on its samples (nats)", "falls towards 0"),
+    "policy/approx_kl": ("KL(π_old‖π_θ) within one update, k3 estimator (nats)", "spikes: updates too large"),
+    "policy/clipfrac": ("fraction of tokens whose PPO ratio was clipped", "high (≳ 0.3): the policy moves too far per update"),
+    "policy/loss": ("PPO clipped surrogate loss", "uninformative: looks normal during a collapse"),
+    "response/length_mean": ("mean response length (tokens)", "drifts, often up to the length cap"),
+    "response/truncated_frac": ("fraction of responses cut at the length cap", "climbs towards 1"),
+    "critic/value_loss": ("critic (clipped) value loss", "spikes or diverges"),
+    "critic/explained_variance": ("1 − Var(returns − values) / Var(returns)", "stays ≤ 0: the critic does not track returns, advantages are noise"),
+    "critic/clipfrac": ("fraction of value predictions clipped", "high: value targets jump between iterations"),
+    "adv/mean": ("mean advantage before whitening", "drifts far from 0"),
+    "adv/std": ("std of the advantages before whitening", "explodes or vanishes"),
+    "returns/mean": ("mean GAE return (value target)", "follows the reward tail upwards"),
+    "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
+    "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
+    "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),
+    "lr/critic": ("critic learning rate (schedule)", "not a collapse signal"),
+    "time/generate": ("seconds per iteration spent sampling responses", "grows with response length"),
+    "time/score": ("seconds per iteration in the reward model and gold judge", "not a collapse signal"),
+    "time/forward": ("seconds per iteration in policy/reference/critic forward passes", "not a collapse signal"),
+    "time/train": ("seconds per iteration in PPO updates", "not a collapse signal"),
+    "time/iteration": ("wall-clock seconds per PPO iteration", "grows with response length"),
+    "tokens_per_s": ("generated response tokens per second", "not a collapse signal"),
+}  # fmt: skip
+
+
+def metrics_table_markdown() -> str:
+    """Render :data:`METRIC_DOCS` as a markdown table (the body of ``docs/metrics.md``)."""
+    rows = [[f"`{name}`", meaning, collapse] for name, (meaning, collapse) in METRIC_DOCS.items()]
+    return _md_table(["metric", "meaning", "what a collapse looks like"], rows, escape=False)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read a ``metrics.jsonl`` file: one JSON object per logged step.
+
+    Blank lines are skipped. An unparsable *last* line is ignored (a run killed mid-write leaves
+    a truncated line); an unparsable line elsewhere means a corrupt file and raises ValueError.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    nonblank = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    rows: list[dict] = []
+    for k, (lineno, line) in enumerate(nonblank):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(nonblank) - 1:
+                break
+            raise ValueError(f"{path}:{lineno}: not a JSON object: {e}") from e
+    return rows
+
+
+def mean_curve(seed_runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict]:
+    """Average the PPO-phase rows of several seeds step by step (for ablation curves).
+
+    For each step, each metric is the mean over the seeds that logged it at that step.
+    """
+    sums: dict[int, dict[str, list[float]]] = {}
+    for rows in seed_runs:
+        for row in rows:
+            if row.get("phase", "ppo") != "ppo" or "step" not in row:
+                continue
+            acc = sums.setdefault(_x(row), {})
+            for key, value in row.items():
+                if key not in ("step", "ppo_step", "phase") and _is_number(value):
+                    acc.setdefault(key, []).append(float(value))
+    return [
+        {"step": step, "ppo_step": step, "phase": "ppo", **{k: sum(v) / len(v) for k, v in acc.items()}}
+        for step, acc in sorted(sums.items())
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+# Fixed colours so a method looks the same in every figure and report.
+_FIXED_COLORS = {"ppo_max": "#1a9850", "vanilla": "#d73027", "sft": "#636363"}
+# Qualitative palette without greens/reds, so other methods are not confused with the two above.
+_PALETTE = ["#4575b4", "#f28e2b", "#8e6bbf", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#1f3b73"]
+
+
+def method_colors(names: Sequence[str]) -> dict[str, str]:
+    """Colour per method: ppo_max green, vanilla red, sft grey, others from a palette in order."""
+    colors, k = {}, 0
+    for name in names:
+        fixed = _FIXED_COLORS.get(name.lower().replace("-", "_"))
+        if fixed is None:
+            fixed, k = _PALETTE[k % len(_PALETTE)], k + 1
+        colors[name] = fixed
+    return colors
+
+
+@dataclass(frozen=True)
+class _Panel:
+    name: str  # file stem, also the key for `baselines`
+    keys: tuple[str, ...]  # metrics drawn; the first one gets the method's legend label
+    styles: tuple[str, ...]  # line style per key
+    title: str
+    ylabel: str
+
+
+PANELS: tuple[_Panel, ...] = (
+    _Panel("rm_reward", ("reward/raw_mean",), ("-",), "RM reward (raw score)", "RM score"),
+    _Panel("gold", ("gold/mean",), ("-",), "Gold score (judge)", "gold score"),
+    _Panel("kl", ("kl/ref",), ("-",), "KL(π‖π_ref) per response (nats)", "KL (nats / response)"),
+    _Panel("perplexity", ("policy/perplexity",), ("-",), "Policy perplexity on own samples", "perplexity (per token)"),
+    _Panel("length", ("response/length_mean",), ("-",), "Response length (tokens)", "mean length (tokens)"),
+    _Panel("reward_tail", ("reward/raw_p99", "reward/raw_p50"), ("-", "--"), "Reward distribution: p50 and p99", "RM score"),
+)  # fmt: skip
+
+_RC = {
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "legend.framealpha": 0.9,
+}
+
+
+def _x(row: Mapping[str, Any]) -> int:
+    """The x of a PPO row: its PPO iteration (``ppo_step``), so runs with and without critic
+    pre-training line up; ``step`` counts pre-training iterations too."""
+    return int(row.get("ppo_step", row["step"]))
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` over PPO-phase rows, sorted by step, non-finite values dropped."""
+    pts = sorted(
+        (_x(r), float(r[key]))
+        for r in rows
+        if r.get("phase", "ppo") == "ppo" and "step" in r and _is_number(r.get(key)) and math.isfinite(r[key])
+    )
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _smooth(y: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average; the first points average over what is available so far."""
+    out, total = [], 0.0
+    for i, v in enumerate(y):
+        total += v
+        if i >= window:
+            total -= y[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _draw_panel(ax, panel: _Panel, runs, colors, baselines, smooth: int, method_legend: bool) -> bool:
+    """Draw one panel into ``ax``; returns False (and draws nothing) if no run has the metric."""
+    drawn = False
+    for method, rows in runs.items():
+        for key, style in zip(panel.keys, panel.styles):
+            x, y = _series(rows, key)
+            if not x:
+                continue
+            drawn = True
+            label = method if key == panel.keys[0] else None
+            kw = {"color": colors[method], "linestyle": style, "marker": "o" if len(x) == 1 else None}
+            if smooth > 1 and len(x) > 1:
+                ax.plot(x, y, alpha=0.25, linewidth=1.0, **kw)  # faint raw curve under the average
+                ax.plot(x, _smooth(y, smooth), linewidth=2.0, label=label, **kw)
+            else:
+                ax.plot(x, y, linewidth=1.8, label=label, **kw)
+    if not drawn:
+        return False
+    if baselines and baselines.get(panel.name) is not None:
+        ax.axhline(
+            baselines[panel.name], color="#444444", linestyle=(0, (5, 3)), linewidth=1.3, label="SFT baseline"
+        )
+    ax.set_title(panel.title)
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel(panel.ylabel)
+    handles, labels = ax.get_legend_handles_labels()
+    if len(panel.keys) > 1:  # explain the line styles with neutral proxy lines
+        from matplotlib.lines import Line2D
+
+        proxies = [Line2D([], [], color="#555555", linestyle=s) for s in panel.styles]
+        names = [k.rsplit("_", 1)[-1] for k in panel.keys]  # "reward/raw_p99" -> "p99"
+        if method_legend:
+            handles, labels = handles + proxies, labels + names
+        else:
+            handles, labels = proxies, names
+    elif not method_legend:
+        handles, labels = [], []
+    if handles:
+        ax.legend(handles, labels, loc="best")
+    return True
+
+
+def plot_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    out_dir: str | os.PathLike,
+    baselines: Mapping[str, float] | None = None,
+    smooth: int = 1,
+) -> list[Path]:
+    """One PNG per panel (all methods overlaid) plus ``overview.png``, a 2×3 grid of them.
+
+    ``runs`` maps method name -> metrics rows (see :func:`read_metrics`); only ``phase == "ppo"``
+    rows are plotted against ``step``. ``baselines`` maps a panel name to a horizontal dashed
+    reference line, e.g. ``{"gold": sft_gold}``. ``smooth > 1`` draws a trailing moving average
+    of that window over the faint raw curve. Panels no run has data for are skipped.
+    Returns the written paths, ``overview.png`` first.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never try to open a window
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    colors = method_colors(list(runs))
+    written: list[Path] = []
+    with plt.rc_context(_RC):
+        drawn_panels = []
+        for panel in PANELS:
+            fig, ax = plt.subplots(figsize=(7.0, 4.2), layout="constrained")
+            if _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=True):
+                written.append(out / f"{panel.name}.png")
+                fig.savefig(written[-1], dpi=130)
+                drawn_panels.append(panel)
+            plt.close(fig)
+        if not drawn_panels:
+            return []
+
+        fig, axes = plt.subplots(2, 3, figsize=(18.0, 9.5), layout="constrained")
+        for ax, panel in zip(axes.flat, PANELS):
+            if not _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=False):
+                ax.set_title(panel.title)
+                ax.text(
+                    0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="#888888"
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+        # one legend for the whole figure instead of six cramped ones
+        handles, labels = [], []
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels and not lab.startswith("_"):
+                    handles.append(h)
+                    labels.append(lab)
+        suffix = f" (moving average over {smooth} steps)" if smooth > 1 else ""
+        # the legend title doubles as the figure title: fig.suptitle would collide with an
+        # "outside" legend under constrained layout
+        fig.legend(
+            handles, labels, loc="outside upper center", ncol=min(len(labels), 8), fontsize=12, frameon=False,
+            title=f"Collapse indicators during PPO{suffix}", title_fontproperties={"size": 15, "weight": "bold"},
+        )  # fmt: skip
+        overview = out / "overview.png"
+        fig.savefig(overview, dpi=110)
+        plt.close(fig)
+    return [overview, *written]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: built once as a list of blocks, rendered to markdown and to HTML from the same data
+# ---------------------------------------------------------------------------------------------
+
+_DASH = "–"
+_SUMMARY_COLUMNS = {  # summary key -> column header, in display order
+    "rm_reward": "RM reward",
+    "gold": "gold",
+    "gold_peak": "gold peak",
+    "win_rate_vs_sft": "win rate vs SFT [95% CI]",
+    "kl": "KL (nats)",
+    "perplexity": "perplexity",
+    "length": "length (tokens)",
+}
+_ABLATION_COLUMNS = {
+    "gold_final": "gold (final)",
+    "gold_peak": "gold (peak)",
+    "win_rate": "win rate",
+    "kl": "KL (nats)",
+    "perplexity": "perplexity",
+    "length": "length (tokens)",
+    "explained_variance": "explained var.",
+}
+_STAGES = ("start", "middle", "end")
+_READING_GUIDE = (
+    "Reward and loss curves do not reveal over-optimisation (Zheng et al. 2023, Sec. 5.2). "
+    "Signs of a collapse: KL to the reference rising without levelling off, perplexity on own "
+    "samples falling, response length drifting (often to the cap), the reward distribution "
+    "growing a long tail (p99 pulling away from p50), and RM reward rising while the gold score falls."
+)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(x: Any) -> str:
+    """3 significant digits without exponent in the usual range; missing / NaN -> "–"."""
+    if x is None or (_is_number(x) and not math.isfinite(x)):
+        return _DASH
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if not _is_number(x):
+        return str(x)
+    if abs(x) >= 1000:
+        return f"{x:.0f}"  # '.3g' would print 1.23e+03
+    return f"{x:.3g}"
+
+
+def _fmt_value(x: Any) -> str:
+    """A number, a ``[lo, hi]`` pair or a ``(mean, lo, hi)`` triple."""
+    if isinstance(x, (list, tuple)) and len(x) == 2:
+        return f"[{_fmt(x[0])}, {_fmt(x[1])}]"
+    if isinstance(x, (list, tuple)) and len(x) == 3:
+        return f"{_fmt(x[0])} [{_fmt(x[1])}, {_fmt(x[2])}]"
+    return _fmt(x)
+
+
+def _clip(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def _md_cell(text: str) -> str:
+    """Escape text for a markdown table cell: `|` would end the cell, `<eos>` would vanish as a tag."""
+    for ch in ("\\", "`", "*", "|", "<"):
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]], escape: bool = True) -> str:
+    esc = _md_cell if escape else (lambda s: s)
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("img", rel_path, alt) | ("table", headers, rows) | ("ul", items)
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;white-space:pre-wrap}
+th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;height:auto}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em}"""
+
+
+def _render(blocks: Sequence[Block], title: str, out_dir: Path, stem: str) -> Path:
+    """Write ``<stem>.md`` and a self-contained ``<stem>.html`` (inline CSS, relative image paths)."""
+    md, ht = [f"# {title}"], [f"<h1>{html.escape(title)}</h1>"]
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            md.append("#" * b[1] + " " + b[2])
+            ht.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            md.append(b[1])
+            ht.append(f"<p>{html.escape(b[1])}</p>")
+        elif kind == "img":
+            md.append(f"![{b[2]}]({b[1]})")
+            ht.append(f'<p><img src="{html.escape(b[1])}" alt="{html.escape(b[2])}"></p>')
+        elif kind == "table":
+            md.append(_md_table(b[1], b[2]))
+            ht.append(_html_table(b[1], b[2]))
+        elif kind == "ul":
+            md.append("\n".join(f"- {item}" for item in b[1]))
+            ht.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b[1]) + "</ul>")
+    (out_dir / f"{stem}.md").write_text("\n\n".join(md) + "\n", encoding="utf-8")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(ht) + "\n</body>\n</html>\n"
+    )
+    (out_dir / f"{stem}.html").write_text(page, encoding="utf-8")
+    return out_dir / f"{stem}.md"
+
+
+def _plot_blocks(plots: Sequence[Path], out_dir: Path) -> tuple[list[Block], list[Block]]:
+    """(overview image, "Curves" section with the individual panels), linked relative to out_dir."""
+    rel = {Path(p).stem: Path(os.path.relpath(p, out_dir)).as_posix() for p in plots}
+    overview: list[Block] = []
+    if "overview" in rel:
+        overview.append(("img", rel.pop("overview"), "overview of the collapse indicators"))
+    panels: list[Block] = [("h", 2, "Curves"), *(("img", r, stem) for stem, r in rel.items())] if rel else []
+    return overview, panels
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    title: str,
+    summary: Mapping[str, Any],
+    plots: Sequence[Path],
+    samples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    notes: Sequence[str] | None = None,
+    *,
+    max_chars: int = 600,
+) -> Path:
+    """Write ``report.md`` and ``report.html`` for a demo run into ``out_dir``; return the .md path.
+
+    ``summary["methods"]`` maps method -> final metrics (rm_reward, gold, gold_peak,
+    win_rate_vs_sft + win_rate_ci, kl, perplexity, length, and any extra keys, shown as extra
+    columns). Other scalar top-level summary entries are listed under the table. ``samples``
+    maps method -> generations tagged with stage start/middle/end; texts longer than
+    ``max_chars`` are shortened. ``notes`` become bullet points.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    methods: Mapping[str, Mapping[str, Any]] = summary.get("methods", {})
+    extra = [k for m in methods.values() for k in m if k not in _SUMMARY_COLUMNS and k != "win_rate_ci"]
+    keys = [k for k in _SUMMARY_COLUMNS if any(k in m for m in methods.values())] + list(dict.fromkeys(extra))
+    rows = []
+    for name, m in methods.items():
+        cells = [name]
+        for k in keys:
+            cell = _fmt_value(m.get(k))
+            if k == "win_rate_vs_sft" and m.get("win_rate_ci") is not None and cell != _DASH:
+                cell += " " + _fmt_value(list(m["win_rate_ci"]))
+            cells.append(cell)
+        rows.append(cells)
+
+    overview, panels = _plot_blocks(plots, out)
+    blocks: list[Block] = [*overview]  # the picture at the top of the report
+    blocks += [("h", 2, "Summary"), ("table", ["method", *(_SUMMARY_COLUMNS.get(k, k) for k in keys)], rows)]
+    run_info = [
+        f"{k}: {_fmt(v)}" for k, v in summary.items() if k != "methods" and not isinstance(v, (dict, list))
+    ]
+    if run_info:
+        blocks.append(("ul", run_info))
+    if notes:
+        blocks += [("h", 2, "Notes"), ("ul", list(notes))]
+    blocks += [("h", 2, "How to read the curves"), ("p", _READING_GUIDE)]
+    blocks += panels
+    if samples:
+        blocks.append(("h", 2, "Sample generations"))
+        order = {s: i for i, s in enumerate(_STAGES)}
+        for method, items in samples.items():
+            items = sorted(items, key=lambda s: (order.get(s.get("stage"), len(order)), s.get("step", 0)))
+            table = [
+                [str(s.get("stage", "")), _fmt(s.get("step")), _clip(str(s.get("prompt", "")), max_chars),
+                 _clip(str(s.get("response", "")), max_chars), _fmt(s.get("gold"))]
+                for s in items
+            ]  # fmt: skip
+            blocks += [("h", 3, method), ("table", ["stage", "step", "prompt", "response", "gold"], table)]
+    return _render(blocks, title, out, "report")
+
+
+def write_ablation_report(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    baseline: str = "ppo_max",
+    *,
+    title: str = "PPO-max ablation",
+    smooth: int = 1,
+) -> Path:
+    """Write ``ablation.md`` / ``ablation.html`` (+ curves under ``out_dir/plots``); return the .md path.
+
+    ``rows``: one dict per variant with ``variant``, ``n_seeds``, ``(mean, lo, hi)`` triples per
+    metric (gold_final, gold_peak, win_rate, kl, perplexity, length, explained_variance) and
+    ``significant``: metric -> bool (difference vs ``baseline`` excludes 0). Cells show
+    ``mean ± half-width`` (just the mean for one seed); significant cells get a ``*``.
+    ``runs`` maps variant -> metrics rows, e.g. seed-averaged with :func:`mean_curve`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(rows, key=lambda r: r["variant"] != baseline)  # baseline first, else stable
+    keys = [k for k in _ABLATION_COLUMNS if any(k in r for r in rows)]
+    table = []
+    for r in ordered:
+        is_base = r["variant"] == baseline
+        cells = [r["variant"] + (" (baseline)" if is_base else ""), _fmt(r.get("n_seeds"))]
+        for k in keys:
+            v = r.get(k)
+            mean, lo, hi = v if isinstance(v, (list, tuple)) else (v, None, None)
+            cell = _fmt(mean)
+            if (r.get("n_seeds") or 1) > 1 and _is_number(lo) and _is_number(hi) and math.isfinite(hi - lo):
+                cell += f" ± {_fmt((hi - lo) / 2)}"
+            if not is_base and r.get("significant", {}).get(k):
+                cell += " *"
+            cells.append(cell)
+        table.append(cells)
+    plots = plot_curves(runs, out / "plots", smooth=smooth) if runs else []
+    overview, panels = _plot_blocks(plots, out)
+    blocks: list[Block] = [
+        *overview,
+        ("h", 2, "Results"),
+        ("table", ["variant", "seeds", *(_ABLATION_COLUMNS[k] for k in keys)], table),
+        ("p", f"mean ± half-width of the 95% Student-t interval over seeds. * = the 95% bootstrap interval "
+              f"of the difference to {baseline} excludes 0."),
+        ("h", 2, "How to read the curves"),
+        ("p", _READING_GUIDE),
+        *panels,
+    ]  # fmt: skip
+    return _render(blocks, title, out, "ablation")

@@ -1,0 +1,125 @@
+"""Reward-model stage (paper Sec. 4, Eq. 2).
+
+loss = −mean log σ(r(x, y_w) − r(x, y_l)) + β_rm · NLL_LM(y_w | x); the score is the scalar
+head at the last token of the response (EOS). Reports pairwise accuracy = mean[r_w > r_l];
+the paper warns that accuracy alone does not say whether the RM is good for PPO.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax import functional as F
+from ppomax.config import RewardConfig, check
+
+logger = logging.getLogger("ppomax")
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,), last hidden states (2B, L, H)) for a preference batch."""
+    from ppomax.models import position_ids_from_mask
+
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                 position_ids_from_mask(batch["attention_mask"]))
+    scores = model.score_hidden(hidden)  # (2B, L)
+    r = scores[torch.arange(scores.shape[0], device=scores.device), batch["last_index"]]
+    B = r.shape[0] // 2
+    return r[:B], r[B:], hidden
+
+
+def make_rm_loss(rm_lm_coef: float, lm_head=None):
+    def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        rc, rr, hidden = pair_scores(model, batch)
+        loss = F.pairwise_loss(rc, rr)
+        stats = {"pair_loss": loss.item(), "accuracy": (rc > rr).float().mean().item()}
+        if rm_lm_coef > 0:
+            B = rc.shape[0]
+            logits = lm_head(hidden[:B, :-1])  # LM term on the chosen responses only
+            labels = batch["labels"][:B, 1:]
+            m = (labels != -100).float()
+            lm = F.masked_mean(-F.logprobs_from_logits(logits, labels.clamp(min=0)), m)
+            loss = loss + rm_lm_coef * lm
+            stats["lm_loss"] = lm.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    return loss_fn
+
+
+@torch.no_grad()
+def eval_rm(model, examples: list, collate, batch_size: int) -> dict[str, float]:
+    """Pairwise loss, accuracy and mean margin r_w − r_l on held-out pairs."""
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    model.eval()
+    rcs, rrs = [], []
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size]).items()}
+        rc, rr, _ = pair_scores(model, batch)
+        rcs.append(rc.float())
+        rrs.append(rr.float())
+    rc, rr = torch.cat(rcs), torch.cat(rrs)
+    return {"loss": F.pairwise_loss(rc, rr).item(), "accuracy": (rc > rr).float().mean().item(),
+            "margin": (rc - rr).mean().item()}
+
+
+def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Train a scalar-head reward model from ``model_name_or_path`` (usually the SFT model)."""
+    from ppomax import data as D
+    from ppomax import models as M
+    from ppomax.loop import run_supervised
+    from ppomax.sft import split_eval
+
+    check(cfg.output_dir is not None, "RewardConfig.output_dir is required (flag --output_dir)")
+    check(cfg.dataset is not None, "RewardConfig.dataset is required (flag --dataset)")
+    check(model is not None or cfg.model_name_or_path is not None,
+          "RewardConfig.model_name_or_path is required (flag --model_name_or_path)")
+    if tokenizer is None:
+        tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    rows, n_bad = D.load_rows(cfg.dataset, "preference", skip_bad_rows=cfg.skip_bad_rows)
+    if cfg.eval_dataset:
+        eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, "preference", skip_bad_rows=cfg.skip_bad_rows)
+        n_bad += n_bad_eval
+    else:
+        rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
+    args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
+    train_ex, stats = D.tokenize_preference(rows, *args)
+    eval_ex, _ = D.tokenize_preference(eval_rows, *args)
+    logger.info("rm data: %d train / %d eval pairs; %d bad rows skipped; %s", len(train_ex), len(eval_ex), n_bad, stats)
+    if not train_ex:
+        from ppomax.errors import UserError
+
+        raise UserError("no preference pairs left after length filtering")
+    torch.manual_seed(cfg.seed)
+    lm_head = None
+    if model is None:
+        if cfg.rm_lm_coef > 0:
+            # The LM term needs the SFT model's LM head on the RM's backbone (shared weights).
+            causal = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+            model = M.ScalarHeadModel.from_causal_lm_model(causal)
+            lm_head = causal.get_output_embeddings()
+            model.lm_head_for_training = lm_head  # registered as a submodule so it trains too
+        else:
+            model = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    elif cfg.rm_lm_coef > 0:
+        lm_head = getattr(model, "lm_head_for_training", None)
+        check(lm_head is not None, "rm_lm_coef > 0 with a given model needs model.lm_head_for_training")
+    pad = tokenizer.pad_token_id
+
+    def collate(ex):
+        return D.collate_preference(ex, pad)
+
+    def save_model(m, out: Path) -> None:
+        m.save_pretrained(out, tokenizer=tokenizer)
+
+    rows_logged = run_supervised(
+        cfg, "rm", model, tokenizer, train_ex, collate, make_rm_loss(cfg.rm_lm_coef, lm_head),
+        lambda m: eval_rm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
+    )
+    final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
+    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": {**stats.as_dict(), "bad_rows": n_bad}}

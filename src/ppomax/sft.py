@@ -1,0 +1,114 @@
+"""SFT stage: next-token loss on response tokens only (the prompt is masked out).
+
+The SFT model is where the policy and the reference start (paper Sec. 5.3.3: PPO without an
+SFT initialisation fails).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax import functional as F
+from ppomax.config import SFTConfig, check
+
+logger = logging.getLogger("ppomax")
+
+
+def split_eval(rows: list, eval_split: float, seed: int) -> tuple[list, list]:
+    """Hold out ``eval_split`` of ``rows`` (seeded); at least one row stays for training."""
+    if eval_split <= 0 or len(rows) < 2:
+        return rows, []
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_eval = min(len(rows) - 1, max(1, int(round(eval_split * len(rows)))))
+    held = set(idx[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean NLL of the labelled (response) tokens; (B, L) labels with -100 elsewhere."""
+    from ppomax.models import position_ids_from_mask
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+    logits = out.logits[:, :-1]  # (B, L-1, V) predicts tokens 1..L-1
+    labels = batch["labels"][:, 1:]  # (B, L-1)
+    m = (labels != -100).float()
+    nll = -F.logprobs_from_logits(logits, labels.clamp(min=0))
+    loss = F.masked_mean(nll, m)
+    return loss, {"loss": loss.item()}
+
+
+@torch.no_grad()
+def eval_lm(model, examples: list, collate, batch_size: int) -> dict[str, float]:
+    """Eval loss (token mean over all held-out response tokens) and perplexity = exp(loss)."""
+    from ppomax.models import position_ids_from_mask
+
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0.0
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size]).items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+        labels = batch["labels"][:, 1:]
+        m = (labels != -100).float()
+        nll = -F.logprobs_from_logits(out.logits[:, :-1], labels.clamp(min=0))
+        total += (nll * m).sum().item()
+        count += m.sum().item()
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """Run SFT; the fine-tuned model and tokenizer are saved in ``cfg.output_dir``."""
+    from ppomax import data as D
+    from ppomax import models as M
+    from ppomax.loop import run_supervised
+
+    check(cfg.output_dir is not None, "SFTConfig.output_dir is required (flag --output_dir)")
+    check(cfg.dataset is not None, "SFTConfig.dataset is required (flag --dataset)")
+    check(model is not None or cfg.model_name_or_path is not None,
+          "SFTConfig.model_name_or_path is required (flag --model_name_or_path)")
+    if tokenizer is None:
+        tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    rows, n_bad = D.load_rows(cfg.dataset, "sft", skip_bad_rows=cfg.skip_bad_rows)
+    if cfg.eval_dataset:
+        eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, "sft", skip_bad_rows=cfg.skip_bad_rows)
+        n_bad += n_bad_eval
+    else:
+        rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
+    args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
+    train_ex, stats = D.tokenize_sft(rows, *args)
+    eval_ex, _ = D.tokenize_sft(eval_rows, *args)
+    logger.info("sft data: %d train / %d eval examples; %d bad rows skipped; %s",
+                len(train_ex), len(eval_ex), n_bad, stats)
+    if not train_ex:
+        from ppomax.errors import UserError
+
+        raise UserError("no SFT examples left after length filtering")
+    if model is None:
+        model = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    pad = tokenizer.pad_token_id
+
+    def collate(ex):
+        return D.collate_sft(ex, pad)
+
+    def save_model(m, out: Path) -> None:
+        M.save_causal_lm(m, tokenizer, out)
+
+    rows_logged = run_supervised(
+        cfg, "sft", model, tokenizer, train_ex, collate, lm_loss,
+        lambda m: eval_lm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
+    )
+    final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
+    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": {**stats.as_dict(), "bad_rows": n_bad}}

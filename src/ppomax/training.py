@@ -1,0 +1,216 @@
+"""Plumbing shared by the trainers: seeding, device, optimizer/schedule, precision, run directory.
+
+The run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object
+per logged step, fixed metric names: docs/metrics.md), TensorBoard events and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ppomax.errors import UserError
+
+logger = logging.getLogger("ppomax")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, bf16: bool, fp16: bool):
+    """Mixed-precision context for forward passes; master weights and losses stay fp32."""
+    if bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if fp16:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UserError("no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak LR at a step: linear warm-up, then cosine / linear decay or constant."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_scheduler(optimizer, kind: str, warmup_ratio: float, total_steps: int):
+    warmup = int(round(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total_steps))
+
+
+def scheduler_state(scheduler) -> dict[str, Any]:
+    """JSON-safe scheduler state (the lambdas are rebuilt from the config)."""
+    sd = scheduler.state_dict()
+    return {k: v for k, v in sd.items() if k != "lr_lambdas"}
+
+
+def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
+    sd = scheduler.state_dict()
+    sd.update(state)
+    scheduler.load_state_dict(sd)
+
+
+def grad_norm(parameters) -> float:
+    """Global L2 norm of the gradients (what clip_grad_norm_ would clip)."""
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    if not norms:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory and metrics
+# ---------------------------------------------------------------------------------------------
+
+_RUN_FIELDS_IGNORED = {
+    "output_dir", "resume_from", "overwrite_output_dir", "disable_tqdm", "max_steps", "save_steps",
+    "logging_steps", "report_to", "save_total_limit",
+}
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg_dict.items() if k not in _RUN_FIELDS_IGNORED}
+
+
+def prepare_output_dir(cfg: Any, stage: str) -> Path:
+    """Create ``cfg.output_dir`` and write the resolved config, refusing to mix two runs.
+
+    An output directory that already holds a *different* run (other stage or other settings)
+    is refused unless ``overwrite_output_dir`` is set or the run resumes from it.
+    """
+    import yaml
+
+    out = Path(cfg.output_dir)
+    values = dataclasses.asdict(cfg)
+    existing = out / "config.yaml"
+    if existing.exists() and not getattr(cfg, "overwrite_output_dir", False):
+        try:
+            old = yaml.safe_load(existing.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            old = {}
+        same = old.get("stage") == stage and _comparable(old.get("config", {})) == _comparable(values)
+        if not same and not getattr(cfg, "resume_from", None):
+            raise UserError(
+                f"{out} already holds a different run ({old.get('stage', '?')}); use another --output_dir, "
+                "--overwrite_output_dir to replace it, or --resume_from to continue it"
+            )
+        if not same and getattr(cfg, "resume_from", None):
+            changed = sorted(
+                k for k in set(_comparable(old.get("config", {}))) | set(_comparable(values))
+                if old.get("config", {}).get(k) != values.get(k)
+            )
+            raise UserError(f"cannot resume {out}: its config differs in {', '.join(changed)}")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump({"stage": stage, "config": values}, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, existing)
+    return out
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard / wandb).
+
+    On resume, rows past the resumed step are dropped first, so no step is counted twice.
+    """
+
+    def __init__(self, out_dir: str | Path, report_to: str = "none", resume_step: int | None = None,
+                 run_name: str | None = None, config: dict | None = None) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self.rows: list[dict[str, Any]] = []
+        self._tb = None
+        self._wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but stay usable without it
+                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+        elif report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--report_to wandb needs `pip install wandb`") from None
+            self._wandb = wandb.init(name=run_name, config=config, dir=str(out_dir))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a half-written line from a crash
+            if row.get("step", -1) <= step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        row = {k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        step = row.get("step", 0)
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, int | float) and k != "step" and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, dynamic_ncols=True, leave=True)
