@@ -161,7 +161,7 @@ def test_mean_curve_and_smooth():
 
 
 def test_metrics_docs_cover_every_metric():
-    assert set(report.METRIC_DOCS) == set(METRIC_NAMES)
+    assert set(METRIC_NAMES) <= set(report.METRIC_DOCS)
     table = report.metrics_table_markdown()
     assert table.splitlines()[0] == "| metric | meaning | what a collapse looks like |"
     for name in METRIC_NAMES:

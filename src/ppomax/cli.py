@@ -65,6 +65,7 @@ def build_config(cls: type, ns: argparse.Namespace) -> Any:
     flags = vars(ns).copy()
     flags.pop("command", None)
     flags.pop("func", None)
+    flags.pop("cls", None)  # set by make_parser next to func; not a config field
     values: dict[str, Any] = {}
     if "config" in flags:
         values.update(load_yaml(flags.pop("config")))

@@ -230,7 +230,7 @@ class PPOConfig(RunArgs):
     lr_scheduler_type: str = opt("constant", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     ptx_dataset: str | None = opt(None, "PPO-ptx (Eq. 17): SFT/pre-training rows mixed into the policy loss.")
     ptx_coef: float = opt(0.0, "λ_ptx: weight of the PPO-ptx LM loss (needs ptx_dataset).", ge=0)
-    max_length_ptx: int = opt(512, "Maximum tokens of a PPO-ptx row.", ge=2)
+    max_length_ptx: int = opt(1024, "Maximum tokens of a PPO-ptx row (prompt + response).", ge=2)
     # --- loop ----------------------------------------------------------------------------------
     max_steps: int = opt(100, "PPO iterations (rollout + update); critic pre-training comes on top.", ge=1)
     save_steps: int = opt(50, "Checkpoint every N PPO iterations (and at the end).", ge=1)

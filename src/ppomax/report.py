@@ -27,11 +27,12 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "reward/raw_p90": ("90th percentile of the raw RM score", "separates from the median"),
     "reward/raw_p99": ("99th percentile of the raw RM score", "grows a long tail far above p50"),
     "reward/raw_max": ("largest raw RM score in the batch", "outlier scores explode"),
+    "reward/raw_std": ("standard deviation of the raw RM scores in the batch", "collapses to ~0: every response gets the same score (one fixed pattern)"),
     "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
     "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
     "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
     "kl/ref": ("KL(π‖π_ref) per response on the sampled tokens (nats)", "rises steadily without levelling off"),
-    "kl/coef": ("KL penalty coefficient β in use", "an adaptive β keeps climbing: the policy keeps pulling away"),
+    "kl/coef": ("KL penalty coefficient η in use (Sec. 5.3.1)", "an adaptive η keeps climbing: the policy keeps pulling away"),
     "policy/perplexity": ("perplexity of the policy on its own samples", "falls towards 1: over-confident fixed patterns"),
     "policy/entropy": ("mean token entropy of the policy on its samples (nats)", "falls towards 0"),
     "policy/approx_kl": ("KL(π_old‖π_θ) within one update, k3 estimator (nats)", "spikes: updates too large"),
@@ -45,6 +46,10 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "adv/mean": ("mean advantage before whitening", "drifts far from 0"),
     "adv/std": ("std of the advantages before whitening", "explodes or vanishes"),
     "returns/mean": ("mean GAE return (value target)", "follows the reward tail upwards"),
+    "returns/std": ("std of the GAE returns", "shrinks to ~0 with a collapsed, uniform policy"),
+    "critic/value_mean": ("mean critic value V_old on response tokens", "drifts away from returns/mean"),
+    "ptx/loss": ("PPO-ptx LM loss on SFT / pre-training rows (Eq. 17)", "rises: the alignment tax grows, the policy forgets the SFT data"),
+    "skipped": ("1 when the update was skipped for a non-finite value (cause in skip_cause)", "repeated skips stop the run (max_consecutive_skips)"),
     "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
     "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
     "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),
@@ -56,6 +61,33 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "time/iteration": ("wall-clock seconds per PPO iteration", "grows with response length"),
     "tokens_per_s": ("generated response tokens per second", "not a collapse signal"),
 }  # fmt: skip
+
+
+# SFT and reward-model stages (metrics.jsonl of `ppomax sft` / `ppomax rm`).
+STAGE_METRIC_DOCS: dict[str, str] = {
+    "train/loss": "training loss (SFT: response-token NLL; RM: pairwise loss + β_rm · LM loss), mean since the last log",
+    "train/pair_loss": "RM: −log σ(r_w − r_l) (Eq. 2)",
+    "train/lm_loss": "RM with rm_lm_coef > 0: NLL of the chosen response",
+    "train/accuracy": "RM: share of training pairs with r_w > r_l",
+    "eval/loss": "held-out loss (SFT: token-mean NLL of response tokens; RM: pairwise loss)",
+    "eval/perplexity": "SFT: exp(eval/loss)",
+    "eval/accuracy": "RM: held-out pairwise accuracy (the paper warns it alone does not predict PPO success)",
+    "eval/margin": "RM: mean r_w − r_l on held-out pairs",
+    "grad_norm": "global gradient norm before clipping",
+    "lr": "learning rate after the schedule step",
+    "epoch": "fractional epoch",
+}
+
+
+METRICS_DOC_START, METRICS_DOC_END = "<!-- generated: METRIC_DOCS -->", "<!-- end generated -->"
+
+
+def update_metrics_doc(path: str | os.PathLike) -> None:
+    """Rewrite the generated PPO table of docs/metrics.md (between the two markers) from the code."""
+    text = Path(path).read_text(encoding="utf-8")
+    head, rest = text.split(METRICS_DOC_START, 1)
+    _, tail = rest.split(METRICS_DOC_END, 1)
+    Path(path).write_text(f"{head}{METRICS_DOC_START}\n{metrics_table_markdown()}\n{METRICS_DOC_END}{tail}", encoding="utf-8")
 
 
 def metrics_table_markdown() -> str:

@@ -391,12 +391,18 @@ class PPOTrainer:
                 if cfg.advantage_clip is not None:
                     adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
                 n_tok = mb.mask.sum()
+                mb_stats: dict[str, float] = {}
                 for m0 in range(0, mb.scores.numel(), micro):
                     sl = slice(m0, m0 + micro)
-                    st = self._micro_step(mb.index(torch.arange(mb.scores.numel(), device=self.device)[sl]),
-                                          adv[sl], n_tok, train_policy)
+                    sub = mb.index(torch.arange(mb.scores.numel(), device=self.device)[sl])
+                    st = self._micro_step(sub, adv[sl], n_tok, train_policy)
+                    # micro-batch token means, weighted by token share -> the mini-batch token mean
+                    # (logged values do not depend on per_device_train_batch_size)
+                    w = (sub.mask.sum() / n_tok).item()
                     for k, v in st.items():
-                        acc.setdefault(k, []).append(v)
+                        mb_stats[k] = mb_stats.get(k, 0.0) + w * v
+                for k, v in mb_stats.items():
+                    acc.setdefault(k, []).append(v)
                 if train_policy and self.ptx_examples is not None:
                     for k, v in self._ptx_step().items():
                         acc.setdefault(k, []).append(v)

@@ -1,0 +1,232 @@
+"""SFT and reward-model stages end to end on tiny models: learning, outputs, reload, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from ppomax.config import RewardConfig, SFTConfig
+from ppomax.data import write_jsonl
+from ppomax.errors import UserError
+from ppomax.models import ScalarHeadModel, build_tiny_model, load_causal_lm, load_tokenizer
+
+ANIMALS = ["cat", "dog", "bird", "fish", "horse", "cow"]
+COLORS = ["red", "blue", "green", "black", "white"]
+
+
+def _sft_rows(n: int, seed: int = 0) -> list[dict]:
+    """A small, very repetitive corpus: the response is a fixed template of the prompt's words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, c = rng.choice(ANIMALS), rng.choice(COLORS)
+        rows.append({"prompt": f"Describe the {a}.", "response": f" The {a} is {c}. The {a} is happy."})
+    return rows
+
+
+def _pref_rows(n: int, seed: int = 0) -> list[dict]:
+    """Separable preferences: chosen always says 'good', rejected always says 'bad'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, c = rng.choice(ANIMALS), rng.choice(COLORS)
+        rows.append({"prompt": f"Rate the {c} {a}.", "chosen": f" The {c} {a} is good.",
+                     "rejected": f" The {c} {a} is bad."})
+    return rows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the machine's cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), num_layers=2, hidden_size=64, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    write_jsonl(path, _sft_rows(60))
+    return str(path)
+
+
+def _sft_cfg(tiny, data, out, **kw) -> SFTConfig:
+    base = dict(model_name_or_path=tiny, dataset=data, output_dir=str(out), learning_rate=3e-3,
+                lr_scheduler_type="constant", per_device_train_batch_size=4, per_device_eval_batch_size=16,
+                eval_split=0.2,
+                max_steps=40, logging_steps=10, eval_steps=10, save_steps=20, warmup_ratio=0.0,
+                report_to="none", disable_tqdm=True, seed=0)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny, sft_data, tmp_path_factory):
+    from ppomax.sft import train_sft
+
+    out = tmp_path_factory.mktemp("sft")
+    result = train_sft(_sft_cfg(tiny, sft_data, out))
+    return out, result
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sft_lowers_eval_loss(sft_run):
+    out, result = sft_run
+    evals = [r["eval/loss"] for r in result["metrics"] if "eval/loss" in r]
+    assert len(evals) == 4  # steps 10, 20, 30, 40
+    # a repetitive corpus: the loss at least halves from the first eval to the last
+    assert evals[-1] < 0.5 * evals[0], evals
+    assert result["final"]["eval/loss"] == evals[-1]
+
+
+def test_sft_writes_run_directory(sft_run, tiny):
+    out, result = sft_run
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["stage"] == "sft" and cfg["config"]["learning_rate"] == 3e-3 and cfg["config"]["max_steps"] == 40
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows == result["metrics"]
+    for r in rows:
+        assert {"train/loss", "eval/loss", "eval/perplexity", "lr", "grad_norm", "epoch"} <= set(r)
+        assert r["eval/perplexity"] == pytest.approx(2.718281828 ** r["eval/loss"], rel=1e-6)
+    # step checkpoints (atomic, COMPLETE marker) and the final model
+    for step in (20, 40):
+        ck = out / f"checkpoint-{step}"
+        assert (ck / "COMPLETE").exists() and (ck / "model" / "model.safetensors").exists()
+        assert (ck / "optimizer-model.pt").exists() and (ck / "state.json").exists()
+    reloaded = load_causal_lm(out)
+    load_tokenizer(out)
+    trained = result["model"].cpu()
+    for (name, a), (_, b) in zip(trained.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    # it differs from the start
+    start = load_causal_lm(tiny)
+    assert not torch.equal(start.model.layers[0].mlp.up_proj.weight, reloaded.model.layers[0].mlp.up_proj.weight)
+
+
+def test_sft_exact_resume(tiny, sft_data, tmp_path):
+    from ppomax.sft import train_sft
+
+    # cosine with warm-up: the scheduler state must be restored too
+    kw = dict(max_steps=10, save_steps=5, logging_steps=1, eval_steps=5, save_total_limit=5,
+              lr_scheduler_type="cosine", warmup_ratio=0.2)
+    full = train_sft(_sft_cfg(tiny, sft_data, tmp_path / "full", **kw))
+
+    # Simulate a crash after step 5: only the run's files up to checkpoint-5 survive.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-5", crashed / "checkpoint-5")
+    shutil.copy(tmp_path / "full" / "config.yaml", crashed / "config.yaml")
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(lines[:7]) + "\n")  # steps 1..7, 6-7 written after the save
+
+    torch.manual_seed(999)  # the caller's RNG state must not matter
+    resumed = train_sft(_sft_cfg(tiny, sft_data, crashed, resume_from=str(crashed / "checkpoint-5"), **kw))
+
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["step"] for r in resumed["metrics"]] == [6, 7, 8, 9, 10]
+    for r_full, r_res in zip(full["metrics"][5:], resumed["metrics"]):
+        for k in ("train/loss", "lr", "grad_norm"):
+            assert r_full[k] == r_res[k], k
+    assert full["final"] == resumed["final"]
+    # metrics.jsonl: no step counted twice after the resume
+    steps = [json.loads(x)["step"] for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+
+def test_refuses_to_overwrite_a_different_run(tiny, sft_data, tmp_path):
+    from ppomax.sft import train_sft
+
+    out = tmp_path / "run"
+    train_sft(_sft_cfg(tiny, sft_data, out, max_steps=1))
+    with pytest.raises(UserError, match="already holds a different run"):
+        train_sft(_sft_cfg(tiny, sft_data, out, max_steps=1, learning_rate=5e-4))
+    # the refused run did not touch the directory
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["config"]["learning_rate"] == 3e-3
+    train_sft(_sft_cfg(tiny, sft_data, out, max_steps=1, learning_rate=5e-4, overwrite_output_dir=True))
+    assert yaml.safe_load((out / "config.yaml").read_text())["config"]["learning_rate"] == 5e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------
+
+
+def _rm_cfg(tiny, data, out, **kw) -> RewardConfig:
+    base = dict(model_name_or_path=tiny, dataset=data, output_dir=str(out), learning_rate=1e-3,
+                per_device_train_batch_size=8, eval_split=0.25, max_steps=30, logging_steps=10,
+                eval_steps=10, save_steps=100, warmup_ratio=0.0, report_to="none", disable_tqdm=True, seed=0)
+    base.update(kw)
+    return RewardConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "pref.jsonl"
+    write_jsonl(path, _pref_rows(80))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny, pref_data, tmp_path_factory):
+    from ppomax.reward import train_reward_model
+
+    out = tmp_path_factory.mktemp("rm")
+    return out, train_reward_model(_rm_cfg(tiny, pref_data, out))
+
+
+def test_rm_learns_separable_preferences(rm_run):
+    out, result = rm_run
+    evals = [r for r in result["metrics"] if "eval/accuracy" in r]
+    assert evals and evals[-1]["eval/accuracy"] > 0.9, evals
+    assert evals[-1]["eval/margin"] > 0
+    assert evals[-1]["eval/loss"] < 0.1  # an untrained head gives ≈ ln 2 = 0.69
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/pair_loss", "train/accuracy", "eval/loss", "eval/accuracy"} <= set(rows[-1])
+    assert "train/lm_loss" not in rows[-1]  # β_rm = 0: no LM term
+
+
+def test_saved_rm_reloads_with_identical_scores(rm_run, tiny):
+    out, result = rm_run
+    trained = result["model"].cpu().eval()
+    reloaded = ScalarHeadModel.from_pretrained(out).eval()
+    tok = load_tokenizer(out)
+    enc = tok([" The red cat is good.", " The dog is bad. The dog"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = trained(enc["input_ids"], enc["attention_mask"])
+        b = reloaded(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(a, b)
+
+
+def test_rm_with_lm_loss_logs_lm_loss(tiny, pref_data, tmp_path):
+    from ppomax.reward import train_reward_model
+
+    result = train_reward_model(_rm_cfg(tiny, pref_data, tmp_path / "rm_lm", rm_lm_coef=0.5, max_steps=4,
+                                        logging_steps=2, eval_steps=4))
+    rows = result["metrics"]
+    assert all("train/lm_loss" in r and r["train/lm_loss"] > 0 for r in rows)
+    # loss = pair_loss + 0.5 · lm_loss, averaged over the logged steps
+    for r in rows:
+        assert r["train/loss"] == pytest.approx(r["train/pair_loss"] + 0.5 * r["train/lm_loss"], rel=1e-5)
+    # the LM head trains with the backbone (tied to the embeddings) and the RM still saves/reloads
+    ScalarHeadModel.from_pretrained(tmp_path / "rm_lm")
