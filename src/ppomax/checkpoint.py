@@ -9,14 +9,18 @@ A checkpoint is a directory ``checkpoint-<step>`` in the run directory holding:
 - ``rng.safetensors`` (torch CPU / CUDA generator states),
 - ``COMPLETE`` (written last).
 
-It is written into a temporary sibling directory and renamed into place, so a crash (even
-``kill -9``) during a save leaves the previous checkpoint untouched and no half-written one that
-looks complete. Loading refuses anything but safetensors/JSON/weights-only tensors.
+It is written into a temporary sibling directory (``.tmp-checkpoint-<step>-*``) and renamed into
+place, so a crash (even ``kill -9``) during a save leaves the previous checkpoint untouched and no
+half-written one that looks complete; the next save removes such leftovers. Old checkpoints are
+deleted marker-first, so a crash mid-deletion never leaves a "complete" checkpoint with missing
+files. One process writes a run directory at a time. Loading refuses anything but
+safetensors/JSON/weights-only tensors (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from ppomax.errors import UserError
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger("ppomax")
 
 
 class CheckpointError(UserError):
@@ -96,14 +101,19 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer: Any = None,
     save_total_limit: int | None = 2,
+    keep: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically; return its path.
 
     ``models`` maps a name to anything with ``save_pretrained(dir)``; ``state`` must be
-    JSON-serialisable (the trainer's counters, moments, scheduler states, ...).
+    JSON-serialisable (the trainer's counters, moments, scheduler states, ...). Rotation
+    (``save_total_limit``) never deletes the new checkpoint nor those in ``keep`` (e.g. the
+    collapse guard's last healthy checkpoint).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".tmp-checkpoint-*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir))
     try:
@@ -135,9 +145,26 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if save_total_limit is not None:
+        protected = {final.resolve(), *(Path(k).resolve() for k in keep)}
         for old in list_checkpoints(run_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.resolve() not in protected:
+                remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint, its COMPLETE marker first: a crash mid-way leaves an incomplete one."""
+    (path / "COMPLETE").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def discard_after(run_dir: str | Path, step: int) -> None:
+    """Resuming at ``step`` abandons later checkpoints of the run (their metrics rows are dropped
+    too); remove them so that ``--resume_from latest`` never jumps back to the abandoned future."""
+    for p in list_checkpoints(run_dir):
+        if int(_CKPT_RE.match(p.name).group(1)) > step:
+            logger.warning("resuming at step %d: removing the later checkpoint %s", step, p)
+            remove_checkpoint(p)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -153,14 +180,19 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(run_dir: str | Path | None, resume_from: str) -> Path:
-    """``resume_from`` = a checkpoint dir, a run dir (its newest checkpoint) or 'latest'."""
+def resolve_resume(run_dir: str | Path | None, resume_from: str) -> Path | None:
+    """``resume_from`` = a checkpoint dir, a run dir (its newest checkpoint) or 'latest'.
+
+    'latest' with no complete checkpoint in ``run_dir`` yet returns None (start from scratch,
+    logged), so one command line serves a job's first start and every restart after a kill.
+    """
     if resume_from == "latest":
         if run_dir is None:
             raise CheckpointError("--resume_from latest needs --output_dir")
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
-            raise CheckpointError(f"--resume_from latest: no complete checkpoint in {run_dir}")
+            logger.warning("--resume_from latest: no complete checkpoint in %s yet; starting from scratch", run_dir)
+            return None
         return ckpts[-1]
     p = Path(resume_from)
     if not p.exists():

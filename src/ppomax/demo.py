@@ -45,7 +45,7 @@ class Budget:
     num_mini_batches: int = 2
     num_ppo_epochs: int = 4
     response_length: int = 28
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-4  # vanilla's collapse shows within 200 iterations (docs/demo.md)
     critic_learning_rate: float = 5e-5
     critic_pretrain_steps: int = 20
     n_eval_prompts: int = 512

@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from ppomax import functional as F
-
 logger = logging.getLogger("ppomax")
 
 
@@ -164,7 +162,3 @@ def evaluate(cfg) -> dict[str, Any]:
     print(f"written: {out / 'eval.json'} and {out / 'eval.md'}")
     return result
 
-
-def masked_seq_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t k1 per sequence (B,)."""
-    return F.masked_sum(logp - ref_logp, mask, dim=-1)

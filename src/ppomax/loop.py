@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ def run_supervised(
     save_model: Callable[[Any, Path], None],
 ) -> list[dict]:
     """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone and write the same files
+        raise UserError(f"ppomax {stage} runs in one process; start it without accelerate launch / torchrun "
+                        "(multi-process training is implemented for ppo only, docs/real_models.md)")
     device = default_device()
     out = Path(cfg.output_dir)
     resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
@@ -81,6 +85,7 @@ def run_supervised(
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         ckpt_lib.restore_rng(resume_ckpt, state)
         logger.info("resumed %s from %s at step %d", stage, resume_ckpt, step)
+        ckpt_lib.discard_after(out, step)  # later checkpoints belong to the crashed run's future
     metrics = MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None)
 
     def save(at_step: int) -> None:
@@ -115,6 +120,9 @@ def run_supervised(
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             else:
                 gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            if not math.isfinite(gn):  # stepping would write NaN into the weights (and the next checkpoint)
+                raise UserError(f"{stage}: non-finite gradient norm at step {step + 1}; lower the learning rate "
+                                f"(last checkpoint in {out} is intact)")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

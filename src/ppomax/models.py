@@ -106,11 +106,17 @@ def _auto_load(auto_cls: Any, path: str | os.PathLike, dtype: Any, trust_remote_
     quiet_transformers()
     local = _resolve(path, "config.json", "model")
     try:
+        # use_safetensors: a directory holding only pickle weights (pytorch_model.bin) is refused,
+        # never unpickled (docs/reliability.md); trust_remote_code stays False unless asked for.
         return auto_cls.from_pretrained(
-            local, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+            local, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
-    except OSError as e:  # e.g. config.json present but no weights
-        raise ModelFormatError(f"{os.fspath(path)}: could not load a model ({e})") from e
+    except OSError as e:  # e.g. config.json present but no (safetensors) weights
+        pickled = sorted(f for f in os.listdir(local) if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+        hint = (f"; only safetensors weights are loaded, {pickled[0]} is a pickle file: convert it with "
+                "model.save_pretrained(dir) in a trusted environment") if pickled else ""
+        raise ModelFormatError(f"{os.fspath(path)}: could not load a model ({e}){hint}") from e
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
@@ -142,6 +148,8 @@ def load_causal_lm(
     """AutoModelForCausalLM from a local directory (float32 unless ``dtype`` says otherwise)."""
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_dir(path):  # a LoRA checkpoint (e.g. checkpoint-N/policy with --use_peft)
+        return load_merged_lora(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return _auto_load(AutoModelForCausalLM, path, dtype, trust_remote_code)
 
 
@@ -383,6 +391,12 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
 
     directory = os.fspath(directory)
     target = model.backbone if isinstance(model, ScalarHeadModel) else model
+    if is_peft_model(target):  # LoRA: the checkpoint holds only the adapters
+        _load_adapter_weights(target, directory)
+        if isinstance(model, ScalarHeadModel):
+            head = load_file(os.path.join(directory, HEAD_WEIGHTS))
+            model.v_head.load_state_dict({k: v.float() for k, v in head.items()})
+        return
     files = sorted(
         f for f in os.listdir(directory) if f.endswith(".safetensors") and f != HEAD_WEIGHTS
     ) if os.path.isdir(directory) else []
@@ -391,7 +405,10 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: a checkpoint of a different model size
+        raise ModelFormatError(f"{directory}: weights do not match the model ({str(e).splitlines()[-1].strip()})") from None
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(target.config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
         raise ModelFormatError(
@@ -401,3 +418,124 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     if isinstance(model, ScalarHeadModel):
         head = load_file(os.path.join(directory, HEAD_WEIGHTS))
         model.v_head.load_state_dict({k: v.float() for k, v in head.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft: the optional extra ``ppomax[peft]``, imported only when LoRA is used)
+# ---------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise UserError("LoRA (--use_peft) needs peft: pip install 'ppomax[peft]'") from None
+    return peft
+
+
+def is_peft_model(model: Any) -> bool:
+    """True for a peft ``PeftModel`` (without importing peft: if it is not imported, nothing is one)."""
+    import sys
+
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """A directory holding LoRA adapters only (peft ``save_pretrained``), no full model."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def apply_lora(
+    model: Any, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "q_proj,k_proj,v_proj,o_proj",
+) -> Any:
+    """Add fresh LoRA adapters; the base weights are frozen (``requires_grad=False``).
+
+    A causal LM becomes a ``PeftModelForCausalLM`` (returned). A :class:`ScalarHeadModel` gets
+    its backbone wrapped in place and is returned; its value head stays fully trainable.
+    LoRA's B matrices start at zero, so the wrapped model computes exactly what the base did.
+    """
+    peft = _peft()
+    if isinstance(target_modules, str):
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    if isinstance(model, ScalarHeadModel):
+        if not is_peft_model(model.backbone):
+            model.backbone = peft.get_peft_model(model.backbone, peft.LoraConfig(**kwargs))
+        return model
+    if is_peft_model(model):
+        return model
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+
+
+def _load_adapter_weights(peft_model: Any, directory: str) -> None:
+    """Load ``adapter_model.safetensors`` into a PeftModel in place (resume keeps the objects)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"{directory}: no LoRA adapter weights ({ADAPTER_WEIGHTS}); was it saved without --use_peft?")
+    state = load_file(path)
+    result = _peft().set_peft_model_state_dict(peft_model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing or not state:
+        raise ModelFormatError(f"{directory}: adapter weights do not match the model "
+                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _adapter_base(adapter_dir: str, base_dir: str | os.PathLike | None) -> str:
+    if base_dir is not None:
+        return os.fspath(base_dir)
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG), encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ModelFormatError(f"{adapter_dir}/{ADAPTER_CONFIG} names no base model; pass the base model directory")
+    return base
+
+
+def load_merged_lora(
+    adapter_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+) -> Any:
+    """Base causal LM + LoRA adapters from ``adapter_dir``, merged into plain weights.
+
+    ``base_dir`` defaults to ``base_model_name_or_path`` in the adapter config (the directory
+    the policy was loaded from when it was trained).
+    """
+    from transformers import AutoModelForCausalLM
+
+    peft = _peft()
+    adapter_dir = os.fspath(adapter_dir)
+    base = _adapter_base(adapter_dir, base_dir)
+    if is_adapter_dir(base):
+        raise ModelFormatError(f"{base}: the base of a LoRA adapter must be a full model directory")
+    model = _auto_load(AutoModelForCausalLM, base, dtype, trust_remote_code)
+    model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    return model.merge_and_unload()
+
+
+def merge_lora(
+    checkpoint_policy_dir: str | os.PathLike, base_dir: str | os.PathLike | None, out_dir: str | os.PathLike
+) -> str:
+    """Export a LoRA policy (e.g. ``run/checkpoint-N/policy``) as a plain model directory.
+
+    The adapters are merged into the base weights (W + α/r · BA), so the result loads with any
+    ``AutoModelForCausalLM.from_pretrained`` and gives the adapter model's logits. The tokenizer
+    is taken from the checkpoint directory if it holds one, else from the base.
+    """
+    checkpoint_policy_dir = os.fspath(checkpoint_policy_dir)
+    if not is_adapter_dir(checkpoint_policy_dir):
+        raise ModelFormatError(f"{checkpoint_policy_dir}: not a LoRA adapter directory (no {ADAPTER_CONFIG}); "
+                               "a full model needs no merge")
+    merged = load_merged_lora(checkpoint_policy_dir, base_dir)
+    tok_src = checkpoint_policy_dir
+    if not os.path.isfile(os.path.join(tok_src, "tokenizer_config.json")):
+        tok_src = _adapter_base(checkpoint_policy_dir, base_dir)
+    save_causal_lm(merged, load_tokenizer(tok_src), out_dir)
+    return os.fspath(out_dir)

@@ -89,7 +89,7 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
         rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
     args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
     train_ex, stats = D.tokenize_preference(rows, *args)
-    eval_ex, _ = D.tokenize_preference(eval_rows, *args)
+    eval_ex = D.tokenize_preference(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
     logger.info("rm data: %d train / %d eval pairs; %d bad rows skipped; %s", len(train_ex), len(eval_ex), n_bad, stats)
     if not train_ex:
         from ppomax.errors import UserError

@@ -88,7 +88,7 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
         rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
     args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
     train_ex, stats = D.tokenize_sft(rows, *args)
-    eval_ex, _ = D.tokenize_sft(eval_rows, *args)
+    eval_ex = D.tokenize_sft(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
     logger.info("sft data: %d train / %d eval examples; %d bad rows skipped; %s",
                 len(train_ex), len(eval_ex), n_bad, stats)
     if not train_ex:
@@ -97,6 +97,8 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
         raise UserError("no SFT examples left after length filtering")
     if model is None:
         model = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.use_peft:
+        model = M.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id
 
@@ -104,6 +106,9 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
         return D.collate_sft(ex, pad)
 
     def save_model(m, out: Path) -> None:
+        if M.is_peft_model(m):  # LoRA: keep the adapters, and write merged weights for the next stage
+            m.save_pretrained(out / "adapter")
+            m = m.merge_and_unload()
         M.save_causal_lm(m, tokenizer, out)
 
     rows_logged = run_supervised(
@@ -111,4 +116,6 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
         lambda m: eval_lm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
     )
     final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
+    if M.is_peft_model(model):
+        model = model.get_base_model()  # the adapters were merged into it by save_model
     return {"model": model, "metrics": rows_logged, "final": final, "data_stats": {**stats.as_dict(), "bad_rows": n_bad}}

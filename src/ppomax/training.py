@@ -111,8 +111,9 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def prepare_output_dir(cfg: Any, stage: str) -> Path:
     """Create ``cfg.output_dir`` and write the resolved config, refusing to mix two runs.
 
-    An output directory that already holds a *different* run (other stage or other settings)
-    is refused unless ``overwrite_output_dir`` is set or the run resumes from it.
+    An output directory that already holds a *different* run (other stage or other settings),
+    or checkpoints of this same run, is refused unless ``overwrite_output_dir`` is set or the
+    run resumes from it.
     """
     import yaml
 
@@ -124,16 +125,29 @@ def prepare_output_dir(cfg: Any, stage: str) -> Path:
             old = yaml.safe_load(existing.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             old = {}
-        same = old.get("stage") == stage and _comparable(old.get("config", {})) == _comparable(values)
+        old_cfg = dict(old.get("config") or {})
+        for f in dataclasses.fields(cfg):  # a field added since the run started counts as its default
+            if f.name not in old_cfg and f.default is not dataclasses.MISSING:
+                old_cfg[f.name] = f.default
+        same = old.get("stage") == stage and _comparable(old_cfg) == _comparable(values)
         if not same and not getattr(cfg, "resume_from", None):
             raise UserError(
                 f"{out} already holds a different run ({old.get('stage', '?')}); use another --output_dir, "
                 "--overwrite_output_dir to replace it, or --resume_from to continue it"
             )
+        if same and not getattr(cfg, "resume_from", None):
+            from ppomax.checkpoint import list_checkpoints
+
+            ckpts = list_checkpoints(out)
+            if ckpts:  # starting over would overwrite its metrics and checkpoints
+                raise UserError(
+                    f"{out} already holds checkpoints of this run (newest: {ckpts[-1].name}); "
+                    "--resume_from latest continues it, --overwrite_output_dir starts it over"
+                )
         if not same and getattr(cfg, "resume_from", None):
             changed = sorted(
-                k for k in set(_comparable(old.get("config", {}))) | set(_comparable(values))
-                if old.get("config", {}).get(k) != values.get(k)
+                k for k in set(_comparable(old_cfg)) | set(_comparable(values))
+                if old_cfg.get(k) != values.get(k)
             )
             raise UserError(f"cannot resume {out}: its config differs in {', '.join(changed)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +155,28 @@ def prepare_output_dir(cfg: Any, stage: str) -> Path:
     tmp.write_text(yaml.safe_dump({"stage": stage, "config": values}, sort_keys=False), encoding="utf-8")
     os.replace(tmp, existing)
     return out
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Keep the rows of a JSONL log with ``"step" <= step`` (atomically); drop the rest.
+
+    On resume from the checkpoint of ``step``, rows written after it (by the run that crashed)
+    would otherwise be counted twice; a half-written last line from a crash is dropped too.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written line from a crash
+        if isinstance(row, dict) and row.get("step", -1) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -175,19 +211,7 @@ class MetricsLogger:
             self._wandb = wandb.init(name=run_name, config=config, dir=str(out_dir))
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a half-written line from a crash
-            if row.get("step", -1) <= step:
-                keep.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        truncate_jsonl(self.path, step)
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: (float(v) if isinstance(v, torch.Tensor | np.floating) else v) for k, v in row.items()}

@@ -55,14 +55,17 @@ def experience_metrics(exp) -> dict[str, float]:
 class CollapseGuard:
     """Thresholds on the monitors; ``check`` returns the reasons a step looks collapsed.
 
-    The perplexity threshold is relative to the first PPO step's perplexity (the SFT policy's).
+    The perplexity threshold is relative to the first PPO step's perplexity (the SFT policy's),
+    the reward-tail one (``max_tail_ratio``, None: off) to the first step's raw p99 − p50.
     """
 
     max_kl: float
     min_ppl_ratio: float
     max_truncated: float
+    max_tail_ratio: float | None = None
     start_ppl: float | None = None
     start_truncated: float | None = None
+    start_tail: float | None = None
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         reasons = []
@@ -72,6 +75,11 @@ class CollapseGuard:
             self.start_ppl = ppl
         if self.start_truncated is None:
             self.start_truncated = trunc
+        tail = None
+        if "reward/raw_p99" in metrics and "reward/raw_p50" in metrics:
+            tail = metrics["reward/raw_p99"] - metrics["reward/raw_p50"]
+            if self.start_tail is None:
+                self.start_tail = tail
         if metrics.get("kl/ref", 0.0) > self.max_kl:
             reasons.append(f"KL to reference {metrics['kl/ref']:.2f} > {self.max_kl}")
         if ppl is not None and self.start_ppl and ppl < self.min_ppl_ratio * self.start_ppl:
@@ -79,11 +87,14 @@ class CollapseGuard:
         # Relative to the start: an SFT policy that already runs into a short cap is not a collapse.
         if trunc > self.max_truncated and trunc > self.start_truncated + 0.2:
             reasons.append(f"{trunc:.0%} of responses hit the length cap (start {self.start_truncated:.0%})")
+        if self.max_tail_ratio is not None and tail is not None and self.start_tail and tail > self.max_tail_ratio * self.start_tail:
+            reasons.append(f"reward tail p99 − p50 = {tail:.3g} > {self.max_tail_ratio} × start {self.start_tail:.3g}")
         return reasons
 
     def state_dict(self) -> dict:
-        return {"start_ppl": self.start_ppl, "start_truncated": self.start_truncated}
+        return {"start_ppl": self.start_ppl, "start_truncated": self.start_truncated, "start_tail": self.start_tail}
 
     def load_state_dict(self, state: dict) -> None:
         self.start_ppl = state.get("start_ppl")
         self.start_truncated = state.get("start_truncated")
+        self.start_tail = state.get("start_tail")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ppomax import checkpoint as ckpt_lib
+from ppomax import distributed as dist_lib
 from ppomax import functional as F
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.errors import UserError
@@ -45,12 +46,16 @@ from ppomax.training import (
     progress,
     scheduler_state,
     set_seed,
+    truncate_jsonl,
 )
 
 logger = logging.getLogger("ppomax")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
+
+
+_PPO_MAX_KL_COEF = PPOConfig.__dataclass_fields__["kl_coef"].default  # η of the ppo_max preset
 
 
 class CollapseStop(UserError):
@@ -125,8 +130,13 @@ class PPOTrainer:
             raise ConfigError("PPO needs a reward: --reward_model_path, or reward_fn= in Python")
         if policy is None and cfg.model_name_or_path is None:
             raise ConfigError("PPOConfig.model_name_or_path is required (flag --model_name_or_path)")
+        self.dist = dist_lib.setup()  # rank and world size: 1 process unless started by accelerate / torchrun
+        W = self.dist.world_size
+        if cfg.rollout_batch_size % W or cfg.mini_batch_size % W:
+            raise ConfigError(f"with {W} processes, rollout_batch_size = {cfg.rollout_batch_size} and the mini-batch "
+                              f"size {cfg.mini_batch_size} must be divisible by {W} (they are global sizes)")
         self.device = default_device()
-        set_seed(cfg.seed)
+        set_seed(cfg.seed)  # the same on every rank: fresh heads and LoRA matrices start identical
 
         # ---- data first: bad rows fail before any model is loaded -----------------------------
         if tokenizer is None:
@@ -163,8 +173,11 @@ class PPOTrainer:
         # ---- models --------------------------------------------------------------------------
         rc = cfg.trust_remote_code
         self.policy = policy if policy is not None else M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
-        if ref_policy is None:
+        if cfg.use_peft:
+            self.policy = M.apply_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
             ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
+        # None with LoRA: π_ref is the policy with its adapters disabled (no second copy in memory).
         self.ref_policy = ref_policy
         if reward_model is None and reward_fn is None:
             reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
@@ -179,6 +192,8 @@ class PPOTrainer:
                 critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
             else:
                 critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+        if cfg.critic_use_peft:
+            critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.critic = critic
         for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
             if m is not None:
@@ -202,11 +217,18 @@ class PPOTrainer:
         self.kl_coef = cfg.kl_coef
         self.sampler = IndexSampler(len(self.prompt_ids), cfg.seed)
         self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1) if self.ptx_examples else None
-        self.guard = CollapseGuard(cfg.collapse_kl, cfg.collapse_ppl_ratio, cfg.collapse_truncated)
+        self.guard = CollapseGuard(cfg.collapse_kl, cfg.collapse_ppl_ratio, cfg.collapse_truncated, cfg.collapse_reward_tail)
         self.iteration = 0  # global counter: critic pre-training iterations, then PPO iterations
         self.consecutive_skips = 0
+        self._nonfinite: list[str] = []  # non-finite losses seen since the last optimizer step
         self.last_healthy: str | None = None
         self.out = Path(cfg.output_dir)
+        if self.dist.enabled:  # data parallel: identical models, distinct sampling per rank
+            dist_lib.broadcast_parameters(self.policy, self.dist)
+            dist_lib.broadcast_parameters(self.critic, self.dist)
+            if self.ptx_examples:
+                self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1 + self.dist.rank)
+            set_seed(cfg.seed + self.dist.rank)
 
     # =========================================================================================
     # The loop
@@ -222,36 +244,48 @@ class PPOTrainer:
         resume_ckpt = None
         if cfg.resume_from:
             resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from)
-        prepare_output_dir(cfg, "ppo")
+        main = self.dist.is_main  # only rank 0 writes files (config, metrics, samples, checkpoints)
+        if main:
+            prepare_output_dir(cfg, "ppo")
+        dist_lib.barrier(self.dist)
+        samples_path = self.out / "samples.jsonl"
         if resume_ckpt is not None:
             self._load(resume_ckpt)
-        self.metrics = MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
-        samples_path = self.out / "samples.jsonl"
-        if resume_ckpt is None and samples_path.exists():
-            samples_path.unlink()
-        bar = progress(total=self.total_iterations, desc="ppo", disable=cfg.disable_tqdm, initial=self.iteration)
+            dist_lib.barrier(self.dist)
+            if main:  # rows and checkpoints written after the resumed one belong to the crashed run's future
+                ckpt_lib.discard_after(self.out, self.iteration)
+                truncate_jsonl(samples_path, self.iteration)
+        elif main:
+            samples_path.unlink(missing_ok=True)
+        self.metrics = (MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
+                        if main else _RankMetrics())
+        bar = progress(total=self.total_iterations, desc="ppo", disable=cfg.disable_tqdm or not main,
+                       initial=self.iteration)
         try:
             while self.iteration < self.total_iterations:
+                if (cfg.collapse_guard == "rollback" and self.last_healthy is None
+                        and self.iteration == cfg.critic_pretrain_steps):
+                    self._save(healthy=True)  # the policy has not moved yet: what a rollback returns to
                 self.iteration += 1
                 pretrain = self.iteration <= cfg.critic_pretrain_steps
                 row = self.step(train_policy=not pretrain)
                 row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
                            ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
+                action = self._collapse_check(row, pretrain)  # before logging: the row carries `collapse`
                 if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
                     self.metrics.log(row)
-                    self._write_samples(samples_path, row)
+                    if main:
+                        self._write_samples(samples_path, row)
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
                                  ("reward/raw_mean", "gold/mean", "kl/ref", "policy/perplexity") if k in row})
-                action = self._collapse_check(row, pretrain)
                 if action == "stop":
-                    self.save()
+                    saved = self.save()
                     raise CollapseStop(f"collapse guard stopped the run at iteration {self.iteration}: "
-                                       f"{'; '.join(row['collapse'])} (checkpoint saved)")
+                                       f"{'; '.join(row['collapse'])} "
+                                       + (f"(state saved in {saved})" if saved else "(not saved: non-finite weights)"))
                 if self.iteration % cfg.save_steps == 0 or self.iteration == self.total_iterations:
-                    self.save()
-                    if not row.get("collapse"):
-                        self.last_healthy = str(self.out / f"checkpoint-{self.iteration}")
+                    self._save(healthy=not row.get("collapse"))
         finally:
             bar.close()
             self.metrics.close()
@@ -260,14 +294,23 @@ class PPOTrainer:
     def step(self, train_policy: bool = True) -> dict[str, float]:
         """One iteration: experience → advantages → update. Returns the metric row."""
         t0 = time.perf_counter()
+        bad = self._nonfinite_weights()
+        if bad:  # sampling from NaN logits would crash; nothing to learn from this state either
+            self._last_exp = None
+            return self._skip(f"non-finite weights in {' and '.join(bad)}")
         exp, timings = self.make_experience()
+        self._last_exp = exp
         row = dict(timings)
-        finite = bool(torch.isfinite(exp.scores).all())
+        finite = self._all_ranks(bool(torch.isfinite(exp.scores).all()))
         if not finite:
             row.update(self._skip("non-finite reward scores"))
             row.update(experience_metrics(exp))
             return row
         self.compute_advantages(exp)
+        if not self._all_ranks(bool(torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all())):
+            row.update(self._skip("non-finite advantages or returns"))
+            row.update(experience_metrics(exp))
+            return row
         row.update(experience_metrics(exp))
         row["kl/coef"] = self.kl_coef
         if self.gold_fn is not None:
@@ -276,13 +319,13 @@ class PPOTrainer:
         stats = self.update(exp, train_policy=train_policy)
         row["time/train"] = time.perf_counter() - t1
         row.update(stats)
+        row = self._reduce_row(row)
         if self.kl_ctl is not None and train_policy:
-            self.kl_ctl.update(row["kl/ref"], exp.scores.numel())
+            self.kl_ctl.update(row["kl/ref"], exp.scores.numel() * self.dist.world_size)
             self.kl_coef = self.kl_ctl.value
         row["time/iteration"] = time.perf_counter() - t0
         n_tokens = exp.mask.sum().item() + exp.prompt_mask.sum().item()
         row["tokens_per_s"] = n_tokens / max(row["time/iteration"], 1e-9)
-        self._last_exp = exp
         return row
 
     # =========================================================================================
@@ -294,7 +337,9 @@ class PPOTrainer:
         from ppomax.data import collate_prompts
 
         cfg = self.cfg
-        idx = self.sampler.take(cfg.rollout_batch_size)
+        idx = self.sampler.take(cfg.rollout_batch_size)  # the same global sample on every rank
+        n = len(idx) // self.dist.world_size
+        idx = idx[self.dist.rank * n : (self.dist.rank + 1) * n]  # this rank's slice
         batch = collate_prompts([self.prompt_ids[i] for i in idx], self.pad_id)
         prompt_ids, prompt_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         timings = {"time/generate": 0.0, "time/score": 0.0, "time/forward": 0.0}
@@ -307,7 +352,7 @@ class PPOTrainer:
             with autocast(self.device, cfg.bf16, cfg.fp16):
                 resp, mask, truncated = generate(
                     self.policy, p_ids, p_mask, cfg.response_length, self.eos_id, self.pad_id,
-                    cfg.temperature, cfg.top_k, cfg.top_p,
+                    cfg.temperature, cfg.top_k, cfg.top_p, stop_at_eos=cfg.stop_at_eos,
                 )
             timings["time/generate"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -317,12 +362,19 @@ class PPOTrainer:
             parts = (p_ids, p_mask, resp, mask)
             with autocast(self.device, cfg.bf16, cfg.fp16):
                 logp = response_logprobs(self.policy, parts, cfg.temperature)
-                ref_logp = response_logprobs(self.ref_policy, parts, cfg.temperature)
+                ref_logp = self._ref_logprobs(parts)
                 values = response_values(self.critic, *parts)
             timings["time/forward"] += time.perf_counter() - t
             chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
         exp = Experience(*_cat_padded(chunks, self.pad_id))
         return exp, timings
+
+    def _ref_logprobs(self, parts) -> torch.Tensor:
+        """log π_ref (B, T): the reference model, or with LoRA the policy with its adapters disabled."""
+        if self.ref_policy is not None:
+            return response_logprobs(self.ref_policy, parts, self.cfg.temperature)
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, parts, self.cfg.temperature)
 
     def _score(self, p_ids, p_mask, resp, mask) -> torch.Tensor:
         if self.reward_fn is None:
@@ -351,7 +403,7 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * exp.truncated.float()
         # Running moments over every score seen so far (Eq. 18: μ, σ of the history).
-        self.score_moments.update(scores)
+        self.score_moments.update(dist_lib.all_gather(scores, self.dist))  # every rank's scores
         if cfg.reward_normalize:
             scores = F.normalize_and_clip(scores, self.score_moments.mean, self.score_moments.std, cfg.reward_clip)
         elif cfg.reward_scaling:
@@ -376,7 +428,7 @@ class PPOTrainer:
         """num_ppo_epochs passes of mini-batches; micro-batches accumulate gradients."""
         cfg = self.cfg
         B = exp.scores.numel()
-        mini = min(cfg.mini_batch_size, B)
+        mini = min(cfg.mini_batch_size // self.dist.world_size, B)  # this rank's part of a mini-batch
         micro = min(cfg.per_device_train_batch_size, mini)
         self.policy.train()
         self.critic.train()
@@ -387,10 +439,12 @@ class PPOTrainer:
                 mb = exp.index(perm[s : s + mini])
                 adv = mb.advantages
                 if cfg.whiten_advantages:  # per mini-batch (Sec. 5.3.1, detail 6)
-                    adv = F.whiten(adv, mb.mask)
+                    adv = dist_lib.whiten(adv, mb.mask, self.dist)  # moments over the whole mini-batch
                 if cfg.advantage_clip is not None:
                     adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
-                n_tok = mb.mask.sum()
+                # Token losses are divided by the mini-batch's token count over all ranks and the
+                # gradients summed (dist_lib.sum_gradients): exactly the one-process mini-batch mean.
+                n_tok = dist_lib.all_reduce_sum(mb.mask.sum(), self.dist)
                 mb_stats: dict[str, float] = {}
                 for m0 in range(0, mb.scores.numel(), micro):
                     sl = slice(m0, m0 + micro)
@@ -401,7 +455,7 @@ class PPOTrainer:
                     w = (sub.mask.sum() / n_tok).item()
                     for k, v in st.items():
                         mb_stats[k] = mb_stats.get(k, 0.0) + w * v
-                for k, v in mb_stats.items():
+                for k, v in dist_lib.reduce_floats(mb_stats, self.dist, "sum").items():
                     acc.setdefault(k, []).append(v)
                 if train_policy and self.ptx_examples is not None:
                     for k, v in self._ptx_step().items():
@@ -411,7 +465,10 @@ class PPOTrainer:
         self.critic_sched.step()
         if train_policy:
             self.policy_sched.step()
+        causes = acc.pop("skip_cause", [])
         out = {k: float(sum(v) / len(v)) for k, v in acc.items()}
+        if causes:
+            out["skip_cause"] = "; ".join(dict.fromkeys(causes))
         out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
         out["lr/critic"] = self.critic_sched.get_last_lr()[0]
         return out
@@ -422,20 +479,21 @@ class PPOTrainer:
         stats = {}
         if train_policy:
             with autocast(self.device, cfg.bf16, cfg.fp16):
-                logp, entropy = response_logprobs(self.policy, parts, cfg.temperature, with_entropy=True)
+                logp, entropy = response_logprobs(self.policy, parts, cfg.temperature, with_entropy=True,
+                                                  entropy_grad=cfg.entropy_coef > 0)
             # Sec. 5.3.2 "importance sampling fixed to the reference": ρ = π_θ / π_ref.
             old = mb.ref_logprobs if cfg.importance_sampling_ref else mb.logprobs
             pg_loss, pst = F.policy_loss(logp, old, adv, mb.mask, cfg.cliprange, num_tokens=n_tok)
             ent = F.masked_mean(entropy, mb.mask, num_tokens=n_tok)
             loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else pg_loss
-            loss.backward()
+            self._backward(loss, "policy loss")
             share = mb.mask.sum() / n_tok  # this micro-batch's share of the mini-batch tokens
             stats.update({"policy/loss": pg_loss.item() / max(share.item(), 1e-9), "policy/clipfrac": pst.clipfrac.item(),
                           "policy/approx_kl": pst.approx_kl.item(), "policy/entropy": ent.item() / max(share.item(), 1e-9)})
         with autocast(self.device, cfg.bf16, cfg.fp16):
             values = response_values(self.critic, *parts).float()
         v_loss, vst = F.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value, num_tokens=n_tok)
-        (cfg.vf_coef * v_loss).backward()
+        self._backward(cfg.vf_coef * v_loss, "value loss")
         share = (mb.mask.sum() / n_tok).item()
         stats.update({"critic/value_loss": v_loss.item() / max(share, 1e-9), "critic/clipfrac": vst.clipfrac.item()})
         return stats
@@ -455,8 +513,28 @@ class PPOTrainer:
         m = (labels != -100).float()
         nll = -F.logprobs_from_logits(logits, labels.clamp(min=0))
         loss = F.masked_mean(nll, m)
-        (cfg.ptx_coef * loss).backward()
+        self._backward(cfg.ptx_coef * loss / self.dist.world_size, "ptx loss")  # summed over ranks: the mean
         return {"ptx/loss": loss.item()}
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (skip decisions must agree, or collectives would hang)."""
+        if not self.dist.enabled:
+            return ok
+        return dist_lib.all_reduce_sum(torch.tensor(0.0 if ok else 1.0), self.dist).item() == 0
+
+    def _reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Numeric metrics averaged over ranks (the update's token means are already global)."""
+        if not self.dist.enabled:
+            return row
+        nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return {**row, **dist_lib.reduce_floats(nums, self.dist, "mean")}
+
+    def _backward(self, loss: torch.Tensor, name: str) -> None:
+        """Backward a finite loss; a NaN/inf one is recorded and skips the coming optimizer step."""
+        if bool(torch.isfinite(loss)):
+            loss.backward()
+        else:
+            self._nonfinite.append(f"non-finite {name}")
 
     def _optimizer_step(self, train_policy: bool) -> dict[str, float]:
         """Clip, check for non-finite gradients, step. A non-finite update is skipped, not applied."""
@@ -467,6 +545,7 @@ class PPOTrainer:
             models.insert(0, ("policy", self.policy, self.policy_opt))
         norms = {}
         for name, model, _ in models:
+            dist_lib.sum_gradients(model.parameters(), self.dist)
             params = [p for p in model.parameters() if p.grad is not None]
             if cfg.max_grad_norm is not None:
                 norms[name] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -474,8 +553,14 @@ class PPOTrainer:
                 norms[name] = grad_norm(params)
             stats[f"grad_norm/{name}"] = norms[name]
         bad = [n for n, v in norms.items() if not math.isfinite(v)]
+        causes = list(dict.fromkeys(self._nonfinite))
+        self._nonfinite = []
         if bad:
-            stats.update(self._skip(f"non-finite gradient norm ({', '.join(bad)})"))
+            causes.append(f"non-finite gradient norm ({', '.join(bad)})")
+        if not self._all_ranks(not causes) and not causes:
+            causes.append("non-finite loss on another rank")
+        if causes:
+            stats.update(self._skip("; ".join(causes)))
         else:
             self.consecutive_skips = 0
             for _, _, opt in models:
@@ -490,8 +575,10 @@ class PPOTrainer:
         self.consecutive_skips += 1
         logger.warning("iteration %d: update skipped: %s (%d in a row)", self.iteration, cause, self.consecutive_skips)
         if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            ckpts = ckpt_lib.list_checkpoints(self.out)
+            last = f"The last good checkpoint, {ckpts[-1]}, is intact." if ckpts else "No checkpoint was written."
             raise UserError(f"stopped after {self.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
-                            f"The last good checkpoint in {self.out} is intact.")
+                            f"{last}")
         return {"skipped": 1.0, "skip_cause": cause}
 
     # =========================================================================================
@@ -528,17 +615,28 @@ class PPOTrainer:
             return None
         row["collapse"] = reasons
         mode = self.cfg.collapse_guard
-        logger.warning("iteration %d: collapse signal: %s", self.iteration, "; ".join(reasons))
+        # Every signal is in metrics.jsonl; the console gets the first and then one every 25 iterations.
+        if mode != "warn" or self.iteration - getattr(self, "_last_collapse_warn", -10**9) >= 25:
+            self._last_collapse_warn = self.iteration
+            logger.warning("iteration %d: collapse signal: %s", self.iteration, "; ".join(reasons))
         if mode == "stop":
             return "stop"
-        if mode == "rollback" and self.last_healthy:
-            logger.warning("rolling back to %s and multiplying η by %s", self.last_healthy, self.cfg.rollback_kl_factor)
+        if mode == "rollback":
+            healthy = self.last_healthy
+            if not healthy or not (Path(healthy) / "COMPLETE").exists():
+                logger.warning("collapse guard 'rollback': no healthy checkpoint to roll back to (%s); continuing "
+                               "as 'warn'", healthy or "none saved yet")
+                return None
+            # η × factor; an η of 0 (vanilla) would stay 0, so it becomes the PPO-max value instead.
+            eta = self.kl_coef * self.cfg.rollback_kl_factor if self.kl_coef > 0 else _PPO_MAX_KL_COEF
+            logger.warning("rolling back to %s; η %g -> %g", healthy, self.kl_coef, eta)
             it = self.iteration
-            self._load(Path(self.last_healthy), restore_rng=False)
-            self.kl_coef *= self.cfg.rollback_kl_factor
+            self._load(Path(healthy), restore_rng=False)
+            self.kl_coef = eta
             if self.kl_ctl is not None:
                 self.kl_ctl.value = self.kl_coef
             self.iteration = it  # keep counting forward: metrics rows stay unique
+            self.last_healthy = healthy
             return "rollback"
         return None
 
@@ -548,6 +646,7 @@ class PPOTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "stage": "ppo",
             "iteration": self.iteration,
             "kl_coef": self.kl_coef,
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
@@ -567,17 +666,50 @@ class PPOTrainer:
         return {"policy": [type(self.policy).__name__, pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
                 "n_params": sum(p.numel() for p in self.policy.parameters())}
 
-    def save(self) -> Path:
-        return ckpt_lib.save_checkpoint(
+    def save(self) -> Path | None:
+        """Write checkpoint-<iteration>; refused (None, warning) when a model holds NaN/inf weights,
+        so the newest checkpoint on disk is always a finite one."""
+        bad = self._nonfinite_weights()
+        if bad:
+            logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
+                           "on disk stays the newest good one)", self.iteration, " and ".join(bad))
+            return None
+        if not self.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
+            dist_lib.barrier(self.dist)
+            return self.out / f"checkpoint-{self.iteration}"
+        path = ckpt_lib.save_checkpoint(
             self.out, self.iteration, {"policy": self.policy, "critic": self.critic},
             {"policy": self.policy_opt, "critic": self.critic_opt}, self.state_dict(),
             tokenizer=self.tokenizer, save_total_limit=self.cfg.save_total_limit,
+            keep=(self.last_healthy,) if self.last_healthy else (),
         )
+        dist_lib.barrier(self.dist)
+        return path
+
+    def _save(self, healthy: bool) -> None:
+        """Save; a healthy checkpoint (no collapse signal) becomes the rollback target, recorded
+        in its own state so that a resumed run knows it too."""
+        prev = self.last_healthy
+        if healthy:
+            self.last_healthy = str(self.out / f"checkpoint-{self.iteration}")
+        if self.save() is None:
+            self.last_healthy = prev
+
+    def _nonfinite_weights(self) -> list[str]:
+        """The trained models ('policy', 'critic') holding a NaN or inf parameter."""
+        bad = []
+        for name, model in (("policy", self.policy), ("critic", self.critic)):
+            flags = [torch.isfinite(p).all() for p in model.parameters()]
+            if flags and not bool(torch.stack(flags).all()):  # one device sync per model
+                bad.append(name)
+        return bad
 
     def _load(self, path: Path, restore_rng: bool = True) -> None:
         from ppomax import models as M
 
         state = ckpt_lib.load_state(path)
+        if state.get("stage", "ppo") != "ppo":
+            raise ckpt_lib.CheckpointError(f"{path} is a {state['stage']} checkpoint, not ppo")
         if state.get("model_signature") != self._signature():
             raise ckpt_lib.CheckpointError(f"{path} was written for a different model "
                                            f"({state.get('model_signature')} vs {self._signature()})")
@@ -600,7 +732,22 @@ class PPOTrainer:
         self.last_healthy = state.get("last_healthy")
         if restore_rng:
             ckpt_lib.restore_rng(path, state)
+            if self.dist.enabled:  # the checkpoint holds rank 0's RNG; derive a distinct stream per rank
+                set_seed(self.cfg.seed + self.dist.rank + 100003 * self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+
+class _RankMetrics:
+    """Metrics of a rank other than 0: kept in memory (for ``train()``'s return value), never written."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+    def close(self) -> None:
+        pass
 
 
 def _cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:

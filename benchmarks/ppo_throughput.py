@@ -1,0 +1,453 @@
+"""PPO throughput and memory: ppomax against TRL 1.12's PPOTrainer, measured in the same run.
+
+    pip install -e ".[bench]"                                  # trl==1.12.0 (last release with PPO)
+    python benchmarks/ppo_throughput.py --config all --json out.json
+    python benchmarks/ppo_throughput.py --config M --bf16      # ppomax with bf16 autocast vs TRL fp32
+    python benchmarks/ppo_throughput.py --scaling --skip-trl   # s/iter on M as batch and length grow
+
+Everything is local: tiny random Llama models and a BPE tokenizer are built in a temporary
+directory (``ppomax.models.build_tiny_model``), nothing is downloaded. Both libraries get the same
+policy (= reference) checkpoint, the same scalar-head checkpoint as reward model and critic (for
+TRL it is loaded as ``LlamaForSequenceClassification`` with the same head weights), the same
+token-id prompts of exactly ``prompt`` tokens, and the same PPO shape: ``batch`` prompts per
+iteration, 4 mini-batches of one micro-batch each (one optimizer step per mini-batch), 1 PPO
+epoch, ``response`` new tokens with no EOS stop, temperature 0.7, fp32, ``--threads`` threads.
+
+Every run is its own subprocess (peak RSS is that process's own ``ru_maxrss``), running one
+warm-up iteration and then ``--iters`` measured ones; runs alternate ppomax, TRL, ppomax, TRL
+(``--repeats`` pairs) so that drift in machine load hits both. Seconds per iteration are the
+wall-clock intervals between the ends of consecutive iterations (TRL: ``on_step_end``; ppomax: the
+return of ``PPOTrainer.step``), so both include their own per-iteration bookkeeping.
+
+MFU: a large fp32 matmul with the same thread count is timed in this run (the "roof", GFLOP/s).
+Generation FLOPs are counted as 2 · (non-embedding params) per token of prompt and response, plus
+2 · hidden · vocab for each sampled token's logits, plus attention scores (4 · layers · hidden · context
+per token); ``gen_mfu`` is that count ÷ generation seconds ÷ roof. The whole-iteration MFU counts
+the useful work of an iteration: generation + 3 no-grad forwards (reference, critic, reward model)
++ forward and backward (×3) of policy and critic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "S": dict(layers=2, hidden=128, ffn=512, heads=4, vocab=4096, batch=32, prompt=24, response=48),
+    "M": dict(layers=4, hidden=256, ffn=1024, heads=4, vocab=8192, batch=32, prompt=24, response=48),
+    "M64": dict(layers=4, hidden=256, ffn=1024, heads=4, vocab=8192, batch=64, prompt=32, response=64),
+}
+NUM_MINI_BATCHES = 4
+TEMPERATURE = 0.7
+SCALING_BATCHES = (16, 32, 64, 128)
+SCALING_RESPONSES = (32, 64, 128, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, prompts and FLOP counts (parent process)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_models(cfg: dict, root: Path, seed: int = 0) -> dict:
+    """Write the policy (= reference) and the scalar-head RM (= critic init) checkpoints, and prompts."""
+    import torch
+
+    from ppomax import data as D
+    from ppomax.models import ScalarHeadModel, build_tiny_model, load_tokenizer
+
+    policy_dir = build_tiny_model(root / "policy", num_layers=cfg["layers"], hidden_size=cfg["hidden"],
+                                  num_heads=cfg["heads"], vocab_size=cfg["vocab"], intermediate_size=cfg["ffn"],
+                                  seed=seed)
+    tok = load_tokenizer(policy_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        rm = ScalarHeadModel.from_causal_lm(policy_dir)
+    rm_dir = root / "rm"
+    rm.save_pretrained(rm_dir, tokenizer=tok)
+    # Prompt texts that tokenize to at least `prompt` tokens; both libraries get the last `prompt`.
+    g = torch.Generator().manual_seed(seed + 2)
+    n_prompts = max(256, 2 * cfg["batch"])
+    texts, ids = [], []
+    special = set(tok.all_special_ids)
+    ok = [i for i in range(len(tok)) if i not in special]
+    while len(texts) < n_prompts:
+        pick = torch.randint(0, len(ok), (3 * cfg["prompt"],), generator=g).tolist()
+        text = tok.decode([ok[i] for i in pick], skip_special_tokens=True)
+        enc = D.encode_prompt(tok, text)
+        if len(enc) < cfg["prompt"] or tok.pad_token_id in enc[-cfg["prompt"]:]:
+            continue
+        texts.append(text)
+        ids.append(enc[-cfg["prompt"]:])
+    (root / "prompts.json").write_text(json.dumps({"texts": texts, "ids": ids}))
+    return {"policy": str(policy_dir), "rm": str(rm_dir), "prompts": str(root / "prompts.json")}
+
+
+def model_flops(cfg: dict) -> dict:
+    """FLOP counts of one iteration (see the module docstring)."""
+    L, d, f, V = cfg["layers"], cfg["hidden"], cfg["ffn"], cfg["vocab"]
+    B, P, T = cfg["batch"], cfg["prompt"], cfg["response"]
+    body = L * (4 * d * d + 3 * d * f)  # attention projections + SwiGLU MLP (norms are negligible)
+    head = d * V
+
+    def attn(ctx_tokens: float) -> float:  # QK^T and AV: 2 matmuls × 2 FLOP × d per layer per context token
+        return 4 * L * d * ctx_tokens
+
+    # generation: prompt tokens see ~P/2 context on average (causal), response token t sees P + t
+    gen = B * (P * (2 * body + attn(P / 2)) + T * (2 * body + 2 * head + attn(P + T / 2)))
+    n = P + T
+    full_fwd_lm = B * (n * (2 * body + attn(n / 2)) + T * 2 * head)  # logits needed only on the response
+    full_fwd_scalar = B * n * (2 * body + attn(n / 2))
+    iteration = gen + full_fwd_lm + 2 * full_fwd_scalar + 3 * (full_fwd_lm + full_fwd_scalar)
+    return {"generate": gen, "iteration": iteration, "params_body": body, "params_head": head}
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    hwm = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return round(max(hwm or 0.0, maxrss), 1)
+
+
+def child_matmul_roof(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    out = {}
+    n = spec.get("n", 2048)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name == "bf16" and not spec.get("bf16"):
+            continue
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            torch.mm(a, b)
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+        out[f"{name}_gflops"] = round(2 * n**3 / best / 1e9, 1)
+    return out
+
+
+def child_ppomax(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from ppomax.config import PPOConfig
+    from ppomax.ppo.trainer import PPOTrainer
+
+    c, m = spec["cfg"], spec["models"]
+    prompts = json.loads(Path(m["prompts"]).read_text())["texts"]
+    n_iter = 1 + spec["iters"]
+    with tempfile.TemporaryDirectory() as out:
+        cfg = PPOConfig.from_preset(
+            "ppo_max", model_name_or_path=m["policy"], reward_model_path=m["rm"], critic_init="reward_model",
+            output_dir=out, seed=spec["seed"], rollout_batch_size=c["batch"], generation_batch_size=c["batch"],
+            num_mini_batches=NUM_MINI_BATCHES, per_device_train_batch_size=c["batch"] // NUM_MINI_BATCHES,
+            num_ppo_epochs=1, max_prompt_length=c["prompt"], response_length=c["response"], temperature=TEMPERATURE,
+            stop_at_eos=False, critic_pretrain_steps=0, max_steps=n_iter, save_steps=10**6, report_to="none",
+            disable_tqdm=True, learning_rate=1e-5, critic_learning_rate=1e-5, bf16=spec["bf16"],
+        )
+        trainer = PPOTrainer(cfg, prompts=prompts)
+        stamps: list[float] = []
+        step = trainer.step
+
+        def timed_step(*a, **k):
+            row = step(*a, **k)
+            stamps.append(time.perf_counter())
+            return row
+
+        trainer.step = timed_step
+        rows = trainer.train()
+    measured = rows[1:]
+    phases = {}
+    for key in ("time/generate", "time/score", "time/forward", "time/train", "time/iteration"):
+        phases[key] = statistics.median(r[key] for r in measured)
+    return {
+        "s_per_iter": [b - a for a, b in zip(stamps, stamps[1:])],
+        "phases": phases,
+        "reward_raw_mean": [r.get("reward/raw_mean") for r in rows],
+        "peak_rss_mb": _peak_rss_mb(),
+        "torch": torch.__version__,
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import trl
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers.utils import logging as hf_logging
+
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    hf_logging.set_verbosity_error()
+    c, m = spec["cfg"], spec["models"]
+    n_iter = 1 + spec["iters"]
+    tok = AutoTokenizer.from_pretrained(m["policy"])
+    ids = json.loads(Path(m["prompts"]).read_text())["ids"]
+    dataset = Dataset.from_dict({"input_ids": ids})
+
+    def seq_cls():
+        model = AutoModelForSequenceClassification.from_pretrained(m["rm"], num_labels=1)
+        head = load_file(os.path.join(m["rm"], "value_head.safetensors"))
+        with torch.no_grad():
+            model.score.weight.copy_(head["weight"].reshape_as(model.score.weight))
+        assert float(head["bias"].abs().max()) == 0.0  # Llama's score head has no bias
+        model.config.pad_token_id = tok.pad_token_id
+        return model
+
+    policy = AutoModelForCausalLM.from_pretrained(m["policy"])
+    ref = AutoModelForCausalLM.from_pretrained(m["policy"])
+    reward_model, value_model = seq_cls(), seq_cls()
+
+    gen_seconds: list[float] = []
+    batch_generation = trl_ppo.batch_generation
+
+    def timed_generation(*a, **k):
+        t = time.perf_counter()
+        out = batch_generation(*a, **k)
+        gen_seconds.append(time.perf_counter() - t)
+        return out
+
+    trl_ppo.batch_generation = timed_generation
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = PPOConfig(
+            output_dir=out, seed=spec["seed"], per_device_train_batch_size=c["batch"], gradient_accumulation_steps=1,
+            num_mini_batches=NUM_MINI_BATCHES, num_ppo_epochs=1, total_episodes=n_iter * c["batch"],
+            local_rollout_forward_batch_size=c["batch"], response_length=c["response"], stop_token=None,
+            temperature=TEMPERATURE, num_sample_generations=0, report_to="none", bf16=False, fp16=False,
+            gradient_checkpointing=False, learning_rate=1e-5, logging_steps=1, save_strategy="no",
+            eval_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,
+                             value_model=value_model, train_dataset=dataset, callbacks=[Stamp()])
+        trainer.train()
+    return {
+        "s_per_iter": [b - a for a, b in zip(stamps, stamps[1:])],
+        "phases": {"time/generate": statistics.median(gen_seconds[1:])},
+        "peak_rss_mb": _peak_rss_mb(),
+        "trl": trl.__version__,
+    }
+
+
+CHILDREN = {"roof": child_matmul_roof, "ppomax": child_ppomax, "trl": child_trl}
+
+
+def run_child(kind: str, spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1")
+    res = subprocess.run([sys.executable, __file__, "--_child", kind, json.dumps(spec)], capture_output=True,
+                         text=True, env=env)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-3000:] + res.stderr[-6000:])
+        raise SystemExit(f"{kind} run failed (exit {res.returncode})")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: configs, alternation, summary
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4), "n": len(xs)}
+
+
+def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
+    models = build_models(cfg, root / name)
+    spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16}
+    runs: dict[str, list[dict]] = {"ppomax": [], "trl": []}
+    for rep in range(args.repeats):
+        for kind in ("ppomax", "trl"):
+            if kind == "trl" and args.skip_trl:
+                continue
+            r = run_child(kind, spec)
+            runs[kind].append(r)
+            print(f"  [{name}] {kind:6s} run {rep + 1}: median {statistics.median(r['s_per_iter']):.3f} s/iter, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    fl = model_flops(cfg)
+    out: dict = {"settings": cfg, "flops": fl}
+    pm = [x for r in runs["ppomax"] for x in r["s_per_iter"]]
+    out["ppomax_s_per_iter"] = _stats(pm)
+    out["ppomax_peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs["ppomax"])
+    phases = {k.split("/")[1]: round(statistics.median(r["phases"][k] for r in runs["ppomax"]), 4)
+              for k in runs["ppomax"][0]["phases"]}
+    out["ppomax_phase_s"] = phases
+    gflops = roof["fp32_gflops"] if not args.bf16 else roof.get("bf16_gflops", roof["fp32_gflops"])
+    out["roof_gflops"] = gflops
+    out["ppomax_gen_mfu"] = round(fl["generate"] / phases["generate"] / 1e9 / gflops, 3)
+    out["ppomax_iter_mfu"] = round(fl["iteration"] / out["ppomax_s_per_iter"]["median"] / 1e9 / gflops, 3)
+    if args.bf16:
+        out["ppomax_gen_mfu_vs_fp32_roof"] = round(fl["generate"] / phases["generate"] / 1e9 / roof["fp32_gflops"], 3)
+    if runs["trl"]:
+        tm = [x for r in runs["trl"] for x in r["s_per_iter"]]
+        out["trl_s_per_iter"] = _stats(tm)
+        out["trl_peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs["trl"])
+        trl_gen = statistics.median(r["phases"]["time/generate"] for r in runs["trl"])
+        out["trl_phase_s"] = {"generate": round(trl_gen, 4)}
+        out["trl_gen_mfu"] = round(fl["generate"] / trl_gen / 1e9 / roof["fp32_gflops"], 3)
+        out["trl_iter_mfu"] = round(fl["iteration"] / out["trl_s_per_iter"]["median"] / 1e9 / roof["fp32_gflops"], 3)
+        out["speedup"] = round(out["trl_s_per_iter"]["median"] / out["ppomax_s_per_iter"]["median"], 2)
+        # per-pair ratios (each ppomax run against the TRL run right after it) show the drift
+        out["speedup_per_pair"] = [round(statistics.median(t["s_per_iter"]) / statistics.median(p["s_per_iter"]), 2)
+                                   for p, t in zip(runs["ppomax"], runs["trl"])]
+    return out
+
+
+def bench_scaling(args, root: Path) -> list[dict]:
+    base = CONFIGS["M"]
+    points = [dict(base, batch=b) for b in SCALING_BATCHES] + [dict(base, response=t) for t in SCALING_RESPONSES]
+    rows, built = [], {}
+    for cfg in points:
+        key = "M-models"
+        if key not in built:
+            built[key] = build_models(cfg, root / key)
+        models = built[key]
+        spec = {"cfg": cfg, "models": models, "iters": args.scaling_iters, "threads": args.threads, "seed": 0,
+                "bf16": args.bf16}
+        r = run_child("ppomax", spec)
+        s = statistics.median(r["s_per_iter"])
+        row = {"batch": cfg["batch"], "prompt": cfg["prompt"], "response": cfg["response"], "ppomax_s_per_iter": round(s, 4),
+               "ms_per_response_token": round(1000 * s / (cfg["batch"] * cfg["response"]), 3),
+               "phases": {k.split("/")[1]: round(v, 4) for k, v in r["phases"].items()},
+               "peak_rss_mb": r["peak_rss_mb"]}
+        if not args.skip_trl and args.scaling_trl:
+            t = run_child("trl", spec)
+            row["trl_s_per_iter"] = round(statistics.median(t["s_per_iter"]), 4)
+            row["speedup"] = round(row["trl_s_per_iter"] / s, 2)
+        rows.append(row)
+        print(f"  [scaling] B={cfg['batch']:4d} T={cfg['response']:4d}: {s:.3f} s/iter, "
+              f"{row['ms_per_response_token']:.3f} ms per response token"
+              + (f", TRL {row['trl_s_per_iter']:.3f} s/iter" if "trl_s_per_iter" in row else ""), flush=True)
+    return rows
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+        info["avx512_bf16"] = "avx512_bf16" in flags
+        info["amx_bf16"] = "amx_bf16" in flags
+    except (OSError, StopIteration):
+        pass
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def print_table(results: dict) -> None:
+    head = f"{'config':6s} {'ppomax s/it':>18s} {'TRL s/it':>18s} {'speedup':>8s} {'RSS ppomax':>11s} {'RSS TRL':>8s} " \
+           f"{'gen MFU':>8s} {'TRL gen MFU':>11s}"
+    print(head)
+    for name, r in results["configs"].items():
+        p = r["ppomax_s_per_iter"]
+        t = r.get("trl_s_per_iter")
+        fmt = lambda s: f"{s['median']:.3f} [{s['min']:.2f}-{s['max']:.2f}]"  # noqa: E731
+        print(f"{name:6s} {fmt(p):>18s} {fmt(t) if t else '-':>18s} {r.get('speedup', float('nan')):8.2f} "
+              f"{r['ppomax_peak_rss_mb']:9.0f}MB {r.get('trl_peak_rss_mb', float('nan')):6.0f}MB "
+              f"{r['ppomax_gen_mfu']:8.1%} {r.get('trl_gen_mfu', float('nan')):11.1%}")
+        print(f"       ppomax phases (s): {r['ppomax_phase_s']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="all", choices=(*CONFIGS, "all"))
+    ap.add_argument("--bf16", action="store_true", help="ppomax with bf16 autocast (TRL stays fp32: its flag does nothing on CPU)")
+    ap.add_argument("--skip-trl", action="store_true", help="only ppomax")
+    ap.add_argument("--iters", type=int, default=5, help="measured iterations per run (after 1 warm-up)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating ppomax/TRL run pairs per config")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scaling", action="store_true", help="also (or with --config none: only) the scaling table on M")
+    ap.add_argument("--scaling-only", action="store_true", help="skip the S/M/M64 configs")
+    ap.add_argument("--scaling-iters", type=int, default=3)
+    ap.add_argument("--scaling-trl", action="store_true", help="also run TRL at each scaling point (slow)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        kind, spec = args._child
+        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+        return
+    if not args.skip_trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise SystemExit("TRL is not installed: pip install -e '.[bench]' (trl==1.12.0), or pass --skip-trl") from None
+    results: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": machine_info(),
+                     "settings": {"threads": args.threads, "iters": args.iters, "repeats": args.repeats,
+                                  "bf16": args.bf16, "temperature": TEMPERATURE, "num_mini_batches": NUM_MINI_BATCHES,
+                                  "num_ppo_epochs": 1}}
+    roof = run_child("roof", {"threads": args.threads, "bf16": args.bf16})
+    print(f"matmul roof ({args.threads} threads): {roof}", flush=True)
+    results["configs"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if not args.scaling_only:
+            names = list(CONFIGS) if args.config == "all" else [args.config]
+            for name in names:
+                print(f"config {name}: {CONFIGS[name]}", flush=True)
+                results["configs"][name] = bench_config(name, CONFIGS[name], args, roof, root)
+        if args.scaling or args.scaling_only:
+            results["scaling"] = bench_scaling(args, root)
+    roof_end = run_child("roof", {"threads": args.threads, "bf16": args.bf16})
+    results["roof"] = {"start": roof, "end": roof_end}
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print()
+    if results["configs"]:
+        print_table(results)
+    print(f"load average at start {results['machine']['loadavg_start']}, at end {results['machine']['loadavg_end']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

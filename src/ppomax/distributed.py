@@ -1,0 +1,151 @@
+"""Data parallelism across processes for PPO: ranks, reductions, and gradient all-reduce.
+
+Launch with ``accelerate launch --multi_gpu --num_processes N -m ppomax ppo ...`` (on a CPU-only
+machine this starts N gloo processes) or ``torchrun --nproc_per_node N -m ppomax ppo ...``; the
+launcher sets ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` and :func:`setup` joins the process group
+(gloo on CPU, nccl on GPUs). Without those variables everything here is a no-op (world size 1).
+
+Every rank holds full copies of the models (plain data parallelism, like DDP). The trainer
+keeps the reduction exact instead of averaging per-rank means (OpenRLHF's rule, STYLE.md):
+each rank divides its token losses by the **global** token count of the mini-batch, and the
+gradients are **summed** across ranks, so the update equals the one-process update on the union
+of the ranks' batches (tests/test_distributed.py checks this). Advantage whitening uses global
+masked moments and the reward-normalisation moments see every rank's scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("ppomax")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> Dist:
+    """Join the process group if launched with ``WORLD_SIZE > 1``; return this process's rank."""
+    from ppomax.errors import UserError
+
+    for var, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(var, "").lower() == "true":  # refuse rather than silently run unsharded
+            raise UserError(f"ppomax runs plain data parallelism (full model copies on every rank) and does not "
+                            f"shard with {what} yet; use examples/accelerate/ddp.yaml (see examples/README.md)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR"):
+            logger.warning("`accelerate launch --cpu` starts a single process unless run under mpirun; for N "
+                           "processes on CPU use `accelerate launch --multi_gpu --num_processes N` (gloo) or torchrun")
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor; ``x`` itself on one process)."""
+    if not d.enabled:
+        return x
+    y = x.detach().clone()
+    _dist().all_reduce(y)
+    return y
+
+
+def all_gather(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Concatenate equally shaped tensors from every rank along dim 0 (rank order)."""
+    if not d.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.world_size)]
+    _dist().all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def reduce_floats(values: dict[str, float], d: Dist, op: str = "mean") -> dict[str, float]:
+    """Sum or mean of each float over ranks (every rank must pass the same keys in the same order)."""
+    if not d.enabled or not values:
+        return values
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    _dist().all_reduce(t)
+    if op == "mean":
+        t /= d.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def sum_gradients(params, d: Dist) -> None:
+    """All-reduce (sum) the gradients of ``params`` in one flat buffer.
+
+    A gradient missing on a rank counts as 0; one missing on every rank stays None (as on one
+    process, so AdamW skips that parameter).
+    """
+    if not d.enabled:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                     + [has_grad.to(params[0].device)])
+    _dist().all_reduce(flat)
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if flat[-len(params) + i] > 0:
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def broadcast_parameters(module: torch.nn.Module, d: Dist) -> None:
+    """Copy rank 0's trainable parameters to every rank (fresh heads and LoRA matrices are random)."""
+    if not d.enabled:
+        return
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                _dist().broadcast(p.data, src=0)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        _dist().barrier()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, d: Dist, eps: float = 1e-8) -> torch.Tensor:
+    """``functional.whiten`` with the masked mean and (Bessel-corrected) variance over all ranks."""
+    from ppomax import functional as F
+
+    if not d.enabled:
+        return F.whiten(x, mask, eps=eps)
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double(), d)
+    mean = (s[0] / s[1].clamp(min=1.0)).to(x.dtype)
+    sq = all_reduce_sum((((x - mean) ** 2) * mask).sum().double().reshape(1), d)[0]
+    n = s[1]
+    var = (sq / n.clamp(min=1.0)) * (n / (n - 1) if n > 1 else 1.0)
+    return (x - mean) * torch.rsqrt(var.to(x.dtype) + eps) * mask

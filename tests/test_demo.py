@@ -1,0 +1,101 @@
+"""The main job: `ppomax demo` (quick in CI; the full contrast is slow-marked), eval and ablate."""
+
+import json
+
+import pytest
+import torch
+
+from ppomax.cli import main
+
+KEYS = ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_sft")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("demo")
+    try:
+        assert main(["demo", "--quick", "--output_dir", str(out), "--disable_tqdm"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_quick_demo_writes_report_summary_and_plots(quick_demo):
+    summary = json.loads((quick_demo / "summary.json").read_text())
+    assert set(summary["methods"]) == {"sft", "ppo_max", "vanilla"}
+    for name, m in summary["methods"].items():
+        for k in KEYS:
+            assert isinstance(m[k], float | int), (name, k)
+    for name in ("ppo_max", "vanilla"):
+        m = summary["methods"][name]
+        lo, hi = m["win_rate_ci"]
+        assert 0.0 <= lo <= m["win_rate_vs_sft"] <= hi <= 1.0
+        assert "gold_peak" in m
+        # PPO moved the policy away from SFT and towards the reward model
+        assert m["kl"] > 0.0
+        assert m["rm_reward"] > summary["methods"]["sft"]["rm_reward"]
+    assert summary["methods"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    report = (quick_demo / "report.md").read_text()
+    assert "ppo_max" in report and "vanilla" in report and "plots/overview.png" in report
+    for png in ("overview", "rm_reward", "gold", "kl", "perplexity", "length", "reward_tail"):
+        data = (quick_demo / "plots" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    for method in ("ppo_max", "vanilla"):
+        rows = [json.loads(x) for x in (quick_demo / "runs" / method / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    # vanilla has no critic pre-training; ppo_max does (Sec. 5.4)
+    phases = {json.loads(x)["phase"] for x in (quick_demo / "runs" / "ppo_max" / "metrics.jsonl").read_text().splitlines()}
+    assert phases == {"critic_pretrain", "ppo"}
+
+
+def test_demo_rerun_reuses_cached_stages(quick_demo, capsys):
+    """A second run finds every stage done: no training, the same summary."""
+    before = json.loads((quick_demo / "summary.json").read_text())
+    assert main(["demo", "--quick", "--output_dir", str(quick_demo), "--disable_tqdm"]) == 0
+    out = capsys.readouterr().out
+    assert "[demo] SFT" not in out and "reward model:" not in out
+    after = json.loads((quick_demo / "summary.json").read_text())
+    assert after["methods"]["ppo_max"]["gold"] == before["methods"]["ppo_max"]["gold"]
+
+
+def test_eval_cli_on_demo_policy(quick_demo, tmp_path):
+    policy = sorted((quick_demo / "runs" / "ppo_max").glob("checkpoint-*"))[-1] / "policy"
+    sft = quick_demo / "assets" / "sft"
+    rc = main(["eval", "--model_name_or_path", str(policy), "--baseline_model_path", str(sft),
+               "--reward_model_path", str(quick_demo / "assets" / "rm"), "--task", "reviews",
+               "--num_prompts", "32", "--response_length", "28", "--output_dir", str(tmp_path), "--disable_tqdm"])
+    assert rc == 0
+    res = json.loads((tmp_path / "eval.json").read_text())
+    m = res["metrics"]
+    for k in ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_baseline", "win_rate_ci"):
+        assert k in m
+    assert m["n"] == 32 and len(res["samples"]) == 8
+    assert (tmp_path / "eval.md").exists()
+
+
+def test_ablate_two_variants(quick_demo, tmp_path):
+    out = tmp_path / "abl"
+    rc = main(["ablate", "--quick", "--output_dir", str(out), "--cache_dir", str(quick_demo / "assets"),
+               "--variants", "ppo_max:;no_kl:kl_coef=0", "--ppo_steps", "3", "--disable_tqdm"])
+    assert rc == 0
+    text = (out / "ablation.md").read_text()
+    assert "ppo_max" in text and "no_kl" in text
+    data = json.loads((out / "ablation.json").read_text())
+    assert {r["variant"] for r in data["rows"]} == {"ppo_max", "no_kl"}
+    # resumable: a second call re-uses the finished runs (their eval.json) without training
+    assert (out / "runs" / "no_kl" / "seed0" / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_full_demo_shows_the_papers_contrast(tmp_path):
+    """Default seed and budget: vanilla over-optimises the RM, PPO-max stays aligned (≈ 7 min)."""
+    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm"]) == 0
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    m, sft = s["methods"], s["methods"]["sft"]
+    va, pm = m["vanilla"], m["ppo_max"]
+    assert va["rm_reward"] > sft["rm_reward"] + 0.5
+    assert va["gold"] < va["gold_peak"] - 0.2 or va["gold"] < sft["gold"]
+    assert va["kl"] >= 3 * pm["kl"]
+    assert pm["gold"] > sft["gold"] and pm["win_rate_vs_sft"] > 0.5
+    assert s["contrast_holds"]

@@ -1,0 +1,226 @@
+"""LoRA through peft: π_ref = the policy with its adapters disabled, adapter-only training, resume, merge.
+
+Tiny random Llama models built in the test; peft is the optional extra ``ppomax[peft]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="LoRA needs the optional extra: pip install 'ppomax[peft]'")
+
+from ppomax import models as M  # noqa: E402
+from ppomax.config import ConfigError, PPOConfig, SFTConfig  # noqa: E402
+from ppomax.ppo.rollout import response_logprobs  # noqa: E402
+from ppomax.ppo.trainer import PPOTrainer  # noqa: E402
+
+PROMPTS = ["hello there", "the cat sat", "a dog ran", "say words"]
+
+
+def n_words(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return M.build_tiny_model(tmp_path_factory.mktemp("lora") / "tiny", num_layers=2, hidden_size=32, num_heads=2)
+
+
+def ppo_config(tiny: str, out, **kw) -> PPOConfig:
+    values = dict(
+        model_name_or_path=tiny, output_dir=str(out), critic_init="sft", max_steps=1, critic_pretrain_steps=0,
+        rollout_batch_size=4, num_mini_batches=2, per_device_train_batch_size=2, response_length=6,
+        report_to="none", disable_tqdm=True, learning_rate=1e-2, critic_learning_rate=1e-2, use_peft=True,
+        seed=3,
+    )
+    values.update(kw)
+    return PPOConfig.from_preset("ppo_max", **values)
+
+
+def fixed_parts(trainer: PPOTrainer):
+    """A fixed [prompt | response] batch (B=2, P=3, T=4) for comparing log-probs."""
+    g = torch.Generator().manual_seed(0)
+    p_ids = torch.randint(3, 200, (2, 3), generator=g)
+    resp = torch.randint(3, 200, (2, 4), generator=g)
+    p_mask = torch.ones(2, 3, dtype=torch.long)
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    return p_ids, p_mask, resp, mask
+
+
+def randomize_lora(model) -> None:
+    """LoRA B starts at zero (adapters = identity); give it values so the adapters matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_reference_is_the_base_model_with_adapters_disabled(tiny, tmp_path):
+    trainer = PPOTrainer(ppo_config(tiny, tmp_path / "run"), prompts=PROMPTS, reward_fn=n_words)
+    assert trainer.ref_policy is None
+    randomize_lora(trainer.policy)
+    base = M.load_causal_lm(tiny).eval()
+    parts = fixed_parts(trainer)
+    with torch.no_grad():
+        ref = trainer._ref_logprobs(parts)
+        expect = response_logprobs(base, parts, trainer.cfg.temperature)
+        adapted = response_logprobs(trainer.policy, parts, trainer.cfg.temperature)
+    assert torch.equal(ref, expect)  # exactly the base model's log-probs
+    assert not torch.allclose(adapted, expect, atol=1e-3)  # the adapters are back on afterwards
+
+
+def test_ppo_step_trains_only_lora_and_keeps_the_reference(tiny, tmp_path):
+    cfg = ppo_config(tiny, tmp_path / "run", critic_use_peft=True)
+    trainer = PPOTrainer(cfg, prompts=PROMPTS, reward_fn=n_words)
+    parts = fixed_parts(trainer)
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    with torch.no_grad():
+        ref_before = trainer._ref_logprobs(parts)
+    trainer.train()
+    changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    assert any("lora_B" in n for n in changed)
+    critic_changed = {n for n, p in trainer.critic.named_parameters() if not torch.equal(p, critic_before[n])}
+    assert critic_changed and all("lora_" in n or n.startswith("v_head") for n in critic_changed)
+    assert any(n.startswith("v_head") for n in critic_changed)
+    # only adapter (and value-head) parameters are in the optimizers
+    opt_params = {id(p) for g in trainer.policy_opt.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for n, p in trainer.policy.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        assert torch.equal(trainer._ref_logprobs(parts), ref_before)
+
+
+def _param_bytes(*models) -> int:
+    seen, total = set(), 0
+    for m in models:
+        if m is None:
+            continue
+        for p in m.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+def test_no_second_policy_copy(tiny, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    def live_causal_lms() -> int:
+        gc.collect()
+        return sum(type(o) is LlamaForCausalLM for o in gc.get_objects())
+
+    n0 = live_causal_lms()
+    lora = PPOTrainer(ppo_config(tiny, tmp_path / "a"), prompts=PROMPTS, reward_fn=n_words)
+    assert lora.ref_policy is None
+    assert live_causal_lms() - n0 == 1  # the policy only (the critic is a backbone + head)
+    full = PPOTrainer(ppo_config(tiny, tmp_path / "b", use_peft=False), prompts=PROMPTS, reward_fn=n_words)
+    assert full.ref_policy is not None
+    policy_bytes = _param_bytes(full.policy)
+    saved = _param_bytes(full.policy, full.ref_policy, full.critic) - _param_bytes(lora.policy, lora.ref_policy, lora.critic)
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in lora.policy.named_parameters() if "lora_" in n)
+    assert saved == policy_bytes - lora_bytes  # exactly one policy copy, minus the adapters
+
+
+def test_resume_restores_adapter_weights(tiny, tmp_path):
+    cfg = ppo_config(tiny, tmp_path / "run", critic_use_peft=True, max_steps=2, save_steps=1)
+    first = PPOTrainer(cfg, prompts=PROMPTS, reward_fn=n_words)
+    first.train()
+    files = {p.name for p in (tmp_path / "run" / "checkpoint-1" / "policy").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
+    resumed = PPOTrainer(dataclasses.replace(cfg, max_steps=1, resume_from=str(tmp_path / "run" / "checkpoint-1")),
+                         prompts=PROMPTS, reward_fn=n_words)
+    fresh = lora_state(resumed.policy)
+    resumed._load(tmp_path / "run" / "checkpoint-2")
+    loaded = lora_state(resumed.policy)
+    trained = lora_state(first.policy)
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    assert any(not torch.equal(fresh[k], trained[k]) for k in trained)
+    for n, p in first.critic.named_parameters():
+        if "lora_" in n or n.startswith("v_head"):
+            assert torch.equal(dict(resumed.critic.named_parameters())[n], p), n
+
+
+def test_merge_gives_the_adapter_models_logits(tiny, tmp_path):
+    trainer = PPOTrainer(ppo_config(tiny, tmp_path / "run"), prompts=PROMPTS, reward_fn=n_words)
+    randomize_lora(trainer.policy)
+    ckpt = trainer.save()
+    out = M.merge_lora(ckpt / "policy", tiny, tmp_path / "merged")
+    merged = M.load_causal_lm(out).eval()
+    assert not M.is_peft_model(merged)
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expect = trainer.policy.eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        auto = M.load_causal_lm(ckpt / "policy").eval()(input_ids=ids).logits  # merged on load
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(auto, expect, atol=1e-5, rtol=1e-5)
+    assert M.load_tokenizer(out).chat_template is not None
+
+
+def test_merge_refuses_a_full_model(tiny, tmp_path):
+    with pytest.raises(M.ModelFormatError, match="not a LoRA adapter directory"):
+        M.merge_lora(tiny, None, tmp_path / "x")
+
+
+def test_export_cli(tiny, tmp_path):
+    from ppomax.cli import main
+
+    trainer = PPOTrainer(ppo_config(tiny, tmp_path / "run"), prompts=PROMPTS, reward_fn=n_words)
+    ckpt = trainer.save()
+    assert main(["export", "--checkpoint", str(ckpt / "policy"), "--output_dir", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "model.safetensors").exists()
+
+
+def test_lora_config_validation():
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        PPOConfig(lora_target_modules=" , ")
+    with pytest.raises(ConfigError, match="lora_r"):
+        SFTConfig(lora_r=0)
+
+
+def test_sft_with_lora_writes_merged_model_and_adapter(tiny, tmp_path):
+    from ppomax.sft import train_sft
+
+    rows = [{"prompt": "say", "response": "the cat"}] * 8
+    from ppomax.data import write_jsonl
+
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    res = train_sft(SFTConfig(model_name_or_path=tiny, dataset=str(tmp_path / "sft.jsonl"), output_dir=str(tmp_path / "sft"),
+                              max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                              disable_tqdm=True, eval_split=0.0, use_peft=True, save_steps=1))
+    assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    model = M.load_causal_lm(tmp_path / "sft")
+    base = M.load_causal_lm(tiny)
+    diff = {n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])}
+    assert diff and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for n in diff)
+    assert not M.is_peft_model(res["model"])
+
+
+def test_lora_with_gradient_checkpointing_and_bf16_autocast(tiny, tmp_path):
+    cfg = ppo_config(tiny, tmp_path / "run", critic_use_peft=True, gradient_checkpointing=True, bf16=True)
+    trainer = PPOTrainer(cfg, prompts=PROMPTS, reward_fn=n_words)
+    before = lora_state(trainer.policy)
+    rows = trainer.train()
+    assert rows[-1]["grad_norm/policy"] > 0
+    after = lora_state(trainer.policy)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights stay fp32

