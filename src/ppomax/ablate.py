@@ -78,7 +78,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
         budget_for,
         build_assets,
         ppo_config,
-        run_method,
+        run_methods,
     )
     from ppomax.report import mean_curve, write_ablation_report
     from ppomax.stats import bootstrap_diff_ci, mean_ci, significant
@@ -100,13 +100,16 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     ctx = None
     results: dict[str, list[dict]] = {}
     curves: dict[str, list[list[dict]]] = {}
-    jobs = [(v, s) for v in variants for s in seeds]
-    for name, seed in progress(jobs, desc="ablate", disable=cfg.disable_tqdm):
-        run_dir = out / "runs" / name / f"seed{seed}"
+    jobs = {(v, s): out / "runs" / v / f"seed{s}" for v in variants for s in seeds}
+    cfgs = {}
+    for (name, seed), run_dir in jobs.items():
         overrides = dict(variants[name])
         preset = overrides.pop("preset", "ppo_max")
-        pcfg = ppo_config(preset, run_dir, assets["paths"], b, seed, True, **overrides)
-        rows = run_method(pcfg, prompts)
+        cfgs[(name, seed)] = ppo_config(preset, run_dir, assets["paths"], b, seed, cfg.disable_tqdm, **overrides)
+    print(f"[ablate] {len(variants)} variants × {len(seeds)} seeds, {b.ppo_steps} PPO iterations each", flush=True)
+    all_rows = run_methods(cfgs, prompts, parallel=cfg.parallel)
+    for (name, seed), run_dir in progress(list(jobs.items()), desc="evaluate", disable=cfg.disable_tqdm):
+        rows = all_rows[(name, seed)]
         res_path = run_dir / "eval.json"
         if res_path.exists():
             res = json.loads(res_path.read_text())

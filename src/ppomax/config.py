@@ -401,7 +401,10 @@ class DemoConfig:
         "--model smollm2, the converted model's directory (default: ~/.cache/ppomax/smollm2).",
     )
     overwrite_output_dir: bool = opt(False, "Re-run every stage even if its results are already in output_dir.")
-    num_threads: int = opt(0, "torch threads (0: torch's default).", ge=0)
+    num_threads: int = opt(
+        1, "torch threads for SFT / RM / evaluation (0: torch's default). 1 keeps results identical on any machine "
+        "and avoids thread oversubscription on a busy one; PPO runs always use 1 each.", ge=0)
+    parallel: bool = opt(True, "Train the methods side by side in worker processes (one thread each) when 2+ cores.")
     disable_tqdm: bool = opt(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:
@@ -424,7 +427,8 @@ class AblateConfig:
     seed: int = opt(0, "First seed (seeds are seed, seed+1, ...).", ge=0)
     ppo_steps: int = opt(-1, "PPO iterations per run (-1: the mode's default).", ge=-1)
     cache_dir: str | None = opt(None, "Task asset cache (default: <output_dir>/assets).")
-    num_threads: int = opt(0, "torch threads (0: torch's default).", ge=0)
+    num_threads: int = opt(1, "torch threads for SFT / RM / evaluation (0: torch's default); PPO runs use 1 each.", ge=0)
+    parallel: bool = opt(True, "Run two PPO runs side by side (one thread each) when 2+ cores.")
     disable_tqdm: bool = opt(False, "Hide progress bars.")
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,35 @@ def run_method(cfg: PPOConfig, prompts: list[str]) -> list[dict]:
     return read_metrics(out / "metrics.jsonl") if cfg.resume_from else rows
 
 
+def _run_method_single_thread(cfg: PPOConfig, prompts: list[str], position: int) -> list[dict]:
+    # One thread per method: the tiny model gains nothing from more, and a fixed thread count
+    # makes the run bit-for-bit reproducible on any machine (float reductions change with it).
+    torch.set_num_threads(1)
+    from ppomax.models import quiet_transformers
+
+    quiet_transformers()
+    os.environ["PPOMAX_TQDM_POSITION"] = str(position)
+    return run_method(cfg, prompts)
+
+
+def run_methods(cfgs: dict[str, PPOConfig], prompts: list[str], parallel: bool) -> dict[str, list[dict]]:
+    """Train every method, each single-threaded; side by side in worker processes if ``parallel``."""
+    if not parallel or len(cfgs) == 1 or (os.cpu_count() or 1) < 2:
+        threads = torch.get_num_threads()
+        try:
+            return {m: _run_method_single_thread(c, prompts, 0) for m, c in cfgs.items()}
+        finally:
+            torch.set_num_threads(threads)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(len(cfgs), os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers)
+                   for i, (m, c) in enumerate(cfgs.items())}
+        return {m: f.result() for m, f in futures.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +274,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     assets = build_assets(cfg, b)
     methods = [m.strip() for m in cfg.methods.split(",")]
     train_prompts = reviews.prompts(4096, seed=cfg.seed + 10)
-    runs: dict[str, list[dict]] = {}
-    for method in methods:
-        print(f"[demo] PPO ({method}): {b.ppo_steps} iterations of {b.rollout_batch_size} prompts", flush=True)
-        pcfg = ppo_config(method, out / "runs" / method, assets["paths"], b, cfg.seed, cfg.disable_tqdm)
-        runs[method] = run_method(pcfg, train_prompts)
+    cfgs = {m: ppo_config(m, out / "runs" / m, assets["paths"], b, cfg.seed, cfg.disable_tqdm) for m in methods}
+    print(f"[demo] PPO ({', '.join(methods)}): {b.ppo_steps} iterations of {b.rollout_batch_size} prompts each",
+          flush=True)
+    runs = run_methods(cfgs, train_prompts, parallel=cfg.parallel)
 
     # ---- evaluation on held-out prompts: each final policy vs the SFT policy ----------------
     print(f"[demo] evaluation on {b.n_eval_prompts} held-out prompts", flush=True)

@@ -237,4 +237,7 @@ class MetricsLogger:
 def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, dynamic_ncols=True, leave=True)
+    # Parallel demo workers each draw their bar on their own line (PPOMAX_TQDM_POSITION).
+    position = int(os.environ.get("PPOMAX_TQDM_POSITION", "0"))
+    return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, dynamic_ncols=True,
+                leave=True, position=position)

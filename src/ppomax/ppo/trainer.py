@@ -58,6 +58,11 @@ GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
 _PPO_MAX_KL_COEF = PPOConfig.__dataclass_fields__["kl_coef"].default  # η of the ppo_max preset
 
 
+# metric -> short label in the progress bar (full names: docs/metrics.md)
+_POSTFIX = {"reward/raw_mean": "reward", "gold/mean": "gold", "kl/ref": "kl", "policy/perplexity": "ppl",
+            "response/length_mean": "len"}
+
+
 class CollapseStop(UserError):
     """The collapse guard (mode 'stop') ended the run; the last checkpoint holds the state."""
 
@@ -259,7 +264,7 @@ class PPOTrainer:
             samples_path.unlink(missing_ok=True)
         self.metrics = (MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
                         if main else _RankMetrics())
-        bar = progress(total=self.total_iterations, desc="ppo", disable=cfg.disable_tqdm or not main,
+        bar = progress(total=self.total_iterations, desc=f"ppo {self.out.name}", disable=cfg.disable_tqdm or not main,
                        initial=self.iteration)
         try:
             while self.iteration < self.total_iterations:
@@ -277,8 +282,7 @@ class PPOTrainer:
                     if main:
                         self._write_samples(samples_path, row)
                 bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in
-                                 ("reward/raw_mean", "gold/mean", "kl/ref", "policy/perplexity") if k in row})
+                bar.set_postfix({short: f"{row[k]:.3g}" for k, short in _POSTFIX.items() if k in row})
                 if action == "stop":
                     saved = self.save()
                     raise CollapseStop(f"collapse guard stopped the run at iteration {self.iteration}: "
