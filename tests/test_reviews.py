@@ -226,3 +226,12 @@ def test_label_pairs_moderate_beta_and_drops():
     assert {rows[0]["chosen"], rows[0]["rejected"]} == {"bad .", "nice ."}
     with pytest.raises(ValueError):
         R.label_pairs([P], ["great ."], [], [0.6], [], 1.0, 0)
+
+
+def test_label_pairs_drops_pairs_with_an_empty_response():
+    rows, dropped = R.label_pairs(
+        ["the soup was"] * 3, ["great .", "", "bad ."], ["bad .", "good .", " "], [0.6, -1.5, -0.5], [-0.5, 0.4, -1.5],
+        beta=5.0, seed=0,
+    )
+    assert dropped == 2 and len(rows) == 1
+    assert rows[0]["chosen"] and rows[0]["rejected"]

@@ -120,7 +120,7 @@ def make_preference_pairs(sft_dir: Path, out_dir: Path, b: Budget, seed: int, di
     agree = sum(
         reviews.gold_score(r["prompt"], r["chosen"]) >= reviews.gold_score(r["prompt"], r["rejected"]) for r in rows
     ) / max(len(rows), 1)
-    return {"pairs": len(rows), "dropped_identical": n_dropped, "label_agreement_with_gold": agree,
+    return {"pairs": len(rows), "dropped_identical_or_empty": n_dropped, "label_agreement_with_gold": agree,
             "sft_sample_gold": sum(ga) / len(ga),
             "sft_well_formed": reviews.well_formed_fraction(a["prompts"], a["responses"], a["truncated"])}
 

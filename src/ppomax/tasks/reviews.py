@@ -307,7 +307,8 @@ def label_pairs(
 
     Response a is preferred with probability ``sigmoid(beta * (gold_a - gold_b))``
     (``beta`` -> infinity: always the better one; ``beta = 0``: a coin flip). Pairs with
-    identical responses carry no preference and are dropped. Returns
+    identical responses carry no preference and are dropped; so are pairs with an empty side
+    (a sample that was only EOS), which no preference-data format accepts as text. Returns
     ``(rows, n_dropped)`` with rows ``{"prompt", "chosen", "rejected"}``.
     """
     n = len(prompts)
@@ -319,7 +320,7 @@ def label_pairs(
     for p, a, b, ga, gb in zip(prompts, responses_a, responses_b, gold_a, gold_b):
         # Draw for every pair, so a pair's label does not depend on which others were dropped.
         a_wins = rng.random() < _sigmoid(beta * (ga - gb))
-        if a == b:
+        if a == b or not a.strip() or not b.strip():
             n_dropped += 1
             continue
         chosen, rejected = (a, b) if a_wins else (b, a)
