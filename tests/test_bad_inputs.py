@@ -33,13 +33,6 @@ from ppomax.ppo.trainer import PPOTrainer
 PROMPTS = ["Say some words:", "Tell me a story.", "The weather", "Once upon a time"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ppo_flags(env, out, **over) -> list[str]:
     flags = {"model_name_or_path": env.tiny, "reward_model_path": env.rm, "dataset": env.prompts,

@@ -34,13 +34,6 @@ def share_of_e(prompts: list[str], responses: list[str]) -> list[float]:
     return [r.count("e") / max(len(r), 1) for r in responses]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:

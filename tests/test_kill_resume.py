@@ -10,19 +10,10 @@ import sys
 import time
 
 import pytest
-import torch
 
 from ppomax import checkpoint as ckpt_lib
 from ppomax import killtest
 from ppomax.training import MetricsLogger, truncate_jsonl
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.skipif(sys.platform != "linux" or not hasattr(signal, "SIGKILL"), reason="needs Linux signals")

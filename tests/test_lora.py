@@ -25,13 +25,6 @@ def n_words(prompts, responses):
     return [float(len(r.split())) for r in responses]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:

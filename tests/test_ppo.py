@@ -39,14 +39,6 @@ def share_of_the(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> SimpleNamespace:

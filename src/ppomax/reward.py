@@ -73,28 +73,9 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised
-    from ppomax.sft import split_eval
+    from ppomax.sft import load_stage_data
 
-    check(cfg.output_dir is not None, "RewardConfig.output_dir is required (flag --output_dir)")
-    check(cfg.dataset is not None, "RewardConfig.dataset is required (flag --dataset)")
-    check(model is not None or cfg.model_name_or_path is not None,
-          "RewardConfig.model_name_or_path is required (flag --model_name_or_path)")
-    if tokenizer is None:
-        tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    rows, n_bad = D.load_rows(cfg.dataset, "preference", skip_bad_rows=cfg.skip_bad_rows)
-    if cfg.eval_dataset:
-        eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, "preference", skip_bad_rows=cfg.skip_bad_rows)
-        n_bad += n_bad_eval
-    else:
-        rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
-    args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
-    train_ex, stats = D.tokenize_preference(rows, *args)
-    eval_ex = D.tokenize_preference(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
-    logger.info("rm data: %d train / %d eval pairs; %d bad rows skipped; %s", len(train_ex), len(eval_ex), n_bad, stats)
-    if not train_ex:
-        from ppomax.errors import UserError
-
-        raise UserError("no preference pairs left after length filtering")
+    tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "preference", model, tokenizer)
     torch.manual_seed(cfg.seed)
     lm_head = None
     if model is None:
@@ -122,4 +103,4 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
         lambda m: eval_rm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
     )
     final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
-    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": {**stats.as_dict(), "bad_rows": n_bad}}
+    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": stats}

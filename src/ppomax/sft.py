@@ -68,33 +68,44 @@ def eval_lm(model, examples: list, collate, batch_size: int) -> dict[str, float]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def load_stage_data(cfg, kind: str, model=None, tokenizer=None) -> tuple[Any, list, list, dict]:
+    """Shared by SFT and RM: check paths, load + validate rows (before any model is loaded),
+    hold out eval rows, tokenize with length handling. Returns (tokenizer, train, eval, stats)."""
+    from ppomax import data as D
+    from ppomax import models as M
+    from ppomax.errors import UserError
+
+    name = type(cfg).__name__
+    check(cfg.output_dir is not None, f"{name}.output_dir is required (flag --output_dir)")
+    check(cfg.dataset is not None, f"{name}.dataset is required (flag --dataset)")
+    check(model is not None or cfg.model_name_or_path is not None,
+          f"{name}.model_name_or_path is required (flag --model_name_or_path)")
+    if tokenizer is None:
+        tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    rows, n_bad = D.load_rows(cfg.dataset, kind, skip_bad_rows=cfg.skip_bad_rows)
+    if cfg.eval_dataset:
+        eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, kind, skip_bad_rows=cfg.skip_bad_rows)
+        n_bad += n_bad_eval
+    else:
+        rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
+    tokenize = D.tokenize_sft if kind == "sft" else D.tokenize_preference
+    args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
+    train_ex, stats = tokenize(rows, *args)
+    eval_ex = tokenize(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
+    logger.info("%s data: %d train / %d eval examples; %d bad rows skipped; %s",
+                kind, len(train_ex), len(eval_ex), n_bad, stats)
+    if not train_ex:
+        raise UserError(f"no {kind} examples left after length filtering (max_length / max_prompt_length)")
+    return tokenizer, train_ex, eval_ex, {**stats.as_dict(), "bad_rows": n_bad}
+
+
 def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     """Run SFT; the fine-tuned model and tokenizer are saved in ``cfg.output_dir``."""
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised
 
-    check(cfg.output_dir is not None, "SFTConfig.output_dir is required (flag --output_dir)")
-    check(cfg.dataset is not None, "SFTConfig.dataset is required (flag --dataset)")
-    check(model is not None or cfg.model_name_or_path is not None,
-          "SFTConfig.model_name_or_path is required (flag --model_name_or_path)")
-    if tokenizer is None:
-        tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    rows, n_bad = D.load_rows(cfg.dataset, "sft", skip_bad_rows=cfg.skip_bad_rows)
-    if cfg.eval_dataset:
-        eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, "sft", skip_bad_rows=cfg.skip_bad_rows)
-        n_bad += n_bad_eval
-    else:
-        rows, eval_rows = split_eval(rows, cfg.eval_split, cfg.seed)
-    args = (tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
-    train_ex, stats = D.tokenize_sft(rows, *args)
-    eval_ex = D.tokenize_sft(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
-    logger.info("sft data: %d train / %d eval examples; %d bad rows skipped; %s",
-                len(train_ex), len(eval_ex), n_bad, stats)
-    if not train_ex:
-        from ppomax.errors import UserError
-
-        raise UserError("no SFT examples left after length filtering")
+    tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "sft", model, tokenizer)
     if model is None:
         model = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     if cfg.use_peft:
@@ -118,4 +129,4 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
     if M.is_peft_model(model):
         model = model.get_base_model()  # the adapters were merged into it by save_model
-    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": {**stats.as_dict(), "bad_rows": n_bad}}
+    return {"model": model, "metrics": rows_logged, "final": final, "data_stats": stats}

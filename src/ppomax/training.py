@@ -45,11 +45,16 @@ def autocast(device: torch.device, bf16: bool, fp16: bool):
     return contextlib.nullcontext()
 
 
-def make_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def make_optimizer(params, lr: float, weight_decay: float, betas: tuple[float, float],
+                   fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable ``params``. ``fused``: PyTorch's one-kernel AdamW where the device
+    supports it (CPU and CUDA; the same update up to float rounding, ~3× faster than the
+    per-tensor loop on CPU, where it is not the default)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise UserError("no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **({"fused": True} if fused else {}))
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):

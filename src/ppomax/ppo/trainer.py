@@ -212,8 +212,9 @@ class PPOTrainer:
 
         # ---- optimisation state --------------------------------------------------------------
         betas = (cfg.adam_beta1, cfg.adam_beta2)
-        self.policy_opt = make_optimizer(self.policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas)
-        self.critic_opt = make_optimizer(self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas)
+        self.policy_opt = make_optimizer(self.policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas, fused=True)
+        self.critic_opt = make_optimizer(self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas,
+                                         fused=True)
         self.policy_sched = make_scheduler(self.policy_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps)
         self.critic_sched = make_scheduler(self.critic_opt, cfg.lr_scheduler_type, cfg.warmup_ratio,
                                            cfg.max_steps + cfg.critic_pretrain_steps)
