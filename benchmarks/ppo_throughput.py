@@ -250,7 +250,7 @@ def child_trl(spec: dict) -> dict:
             num_mini_batches=NUM_MINI_BATCHES, num_ppo_epochs=1, total_episodes=n_iter * c["batch"],
             local_rollout_forward_batch_size=c["batch"], response_length=c["response"], stop_token=None,
             temperature=TEMPERATURE, num_sample_generations=0, report_to="none", bf16=False, fp16=False,
-            gradient_checkpointing=False, learning_rate=1e-5, logging_steps=1, save_strategy="no",
+            gradient_checkpointing=spec.get("trl_gradient_checkpointing", False), learning_rate=1e-5, logging_steps=1, save_strategy="no",
             eval_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         )
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,

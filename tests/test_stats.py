@@ -88,3 +88,16 @@ def test_percentiles():
     # [1,2,3,4], q=25: index 0.25*3 = 0.75 -> 1 + 0.75 = 1.75; q=50 -> 2.5
     assert stats.percentiles([4, 1, 3, 2], qs=(25, 50)) == {25: 1.75, 50: 2.5}
     assert math.isnan(stats.percentiles([])[99])
+
+
+def test_welch_diff_ci_hand_values():
+    # a = [1, 3]: mean 2, var 2 ; b = [0, 0, 0]: mean 0, var 0
+    # se² = 2/2 + 0 = 1, df = 1² / (1²/1 + 0) = 1 -> t = 12.706 -> [2 − 12.706, 2 + 12.706]
+    d, lo, hi = stats.welch_diff_ci([1.0, 3.0], [0.0, 0.0, 0.0])
+    assert d == pytest.approx(2.0)
+    assert lo == pytest.approx(2.0 - 12.706, abs=1e-3) and hi == pytest.approx(2.0 + 12.706, abs=1e-3)
+    assert not stats.significant(lo, hi)
+    # clearly separated groups with many values are significant
+    d, lo, hi = stats.welch_diff_ci([5.0, 5.1, 4.9, 5.0], [0.0, 0.1, -0.1, 0.0])
+    assert stats.significant(lo, hi) and lo > 4.5
+    assert math.isnan(stats.welch_diff_ci([1.0], [0.0, 1.0])[1])

@@ -3,7 +3,7 @@
 Every variant trains on the demo's cached task assets (same SFT model and reward model) with
 the same budget; seeds change PPO's sampling and data order. Each (variant, seed) run is
 evaluated against the SFT policy on held-out prompts. With ``--seeds N > 1`` the report shows
-mean ± 95 % t-intervals and marks (*) differences from ``ppo_max`` whose bootstrap 95 %
+mean ± 95 % t-intervals and marks (*) differences from ``ppo_max`` whose Welch 95 %
 interval excludes zero. Runs are resumable: a finished run is skipped, an interrupted one
 resumes from its newest checkpoint.
 """
@@ -81,7 +81,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
         run_methods,
     )
     from ppomax.report import mean_curve, write_ablation_report
-    from ppomax.stats import bootstrap_diff_ci, mean_ci, significant
+    from ppomax.stats import mean_ci, significant, welch_diff_ci
     from ppomax.tasks import reviews
     from ppomax.training import progress
 
@@ -135,7 +135,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
             if k == "win_rate" and len(runs) == 1:  # one seed: the Wilson interval over prompts
                 row[k] = (runs[0]["win_rate"], *runs[0]["win_rate_ci"])
             if name != base and len(runs) > 1:
-                _, lo, hi = bootstrap_diff_ci(vals, [r[k] for r in results[base]])
+                _, lo, hi = welch_diff_ci(vals, [r[k] for r in results[base]])
                 row["significant"][k] = significant(lo, hi)
         table.append(row)
     report = write_ablation_report(out, table, {n: mean_curve(c) for n, c in curves.items()}, baseline=base,

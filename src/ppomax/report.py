@@ -551,7 +551,7 @@ def write_ablation_report(
         *overview,
         ("h", 2, "Results"),
         ("table", ["variant", "seeds", *(_ABLATION_COLUMNS[k] for k in keys)], table),
-        ("p", f"mean ± half-width of the 95% Student-t interval over seeds. * = the 95% bootstrap interval "
+        ("p", f"mean ± half-width of the 95% Student-t interval over seeds. * = the 95% Welch t-interval "
               f"of the difference to {baseline} excludes 0."),
         ("h", 2, "How to read the curves"),
         ("p", _READING_GUIDE),

@@ -93,7 +93,7 @@ def load_stage_data(cfg, kind: str, model=None, tokenizer=None) -> tuple[Any, li
     train_ex, stats = tokenize(rows, *args)
     eval_ex = tokenize(eval_rows, *args)[0] if eval_rows else []  # eval_split = 0: no eval
     logger.info("%s data: %d train / %d eval examples; %d bad rows skipped; %s",
-                kind, len(train_ex), len(eval_ex), n_bad, stats)
+                kind, len(train_ex), len(eval_ex), n_bad, stats.as_dict())
     if not train_ex:
         raise UserError(f"no {kind} examples left after length filtering (max_length / max_prompt_length)")
     return tokenizer, train_ex, eval_ex, {**stats.as_dict(), "bad_rows": n_bad}

@@ -139,6 +139,30 @@ def bootstrap_diff_ci(
     return (diff, float(lo), float(hi))
 
 
+def welch_diff_ci(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean(a) − mean(b), lo, hi): Welch's t-interval for a difference of means.
+
+    Used to mark ablation differences: with a handful of seeds a bootstrap has too few distinct
+    resamples and gives intervals that are far too narrow; Welch's interval (unequal variances,
+    Welch–Satterthwaite degrees of freedom, rounded down) stays honest at n = 2.
+    Fewer than 2 values on a side -> (diff, nan, nan).
+    """
+    x = np.asarray(a, dtype=float)
+    y = np.asarray(b, dtype=float)
+    diff = float(x.mean() - y.mean()) if x.size and y.size else float("nan")
+    if x.size < 2 or y.size < 2:
+        return diff, float("nan"), float("nan")
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    se2 = va + vb
+    if se2 == 0:
+        return diff, diff, diff
+    df = se2**2 / (va**2 / (x.size - 1) + vb**2 / (y.size - 1))
+    half = t_critical(max(1, int(df)), confidence) * math.sqrt(se2)
+    return diff, diff - half, diff + half
+
+
 def significant(lo: float, hi: float) -> bool:
     """True if the interval [lo, hi] excludes 0. NaN bounds (too few samples) are never significant."""
     if math.isnan(lo) or math.isnan(hi):

@@ -366,13 +366,22 @@ class PPOTrainer:
             t = time.perf_counter()
             parts = (p_ids, p_mask, resp, mask)
             with autocast(self.device, cfg.bf16, cfg.fp16):
-                logp = response_logprobs(self.policy, parts, cfg.temperature)
-                ref_logp = self._ref_logprobs(parts)
-                values = response_values(self.critic, *parts)
+                logp = self._in_chunks(lambda *x: response_logprobs(self.policy, x, cfg.temperature), parts)
+                ref_logp = self._in_chunks(lambda *x: self._ref_logprobs(x), parts)
+                values = self._in_chunks(lambda *x: response_values(self.critic, *x), parts)
             timings["time/forward"] += time.perf_counter() - t
             chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
         exp = Experience(*_cat_padded(chunks, self.pad_id))
         return exp, timings
+
+    def _in_chunks(self, fn, parts) -> torch.Tensor:
+        """``fn(*parts)`` over row chunks of per_device_train_batch_size, concatenated: a rollout
+        forward over a few thousand tokens keeps its activations in cache (~25 % faster on CPU
+        than one forward over the whole generation batch), and memory stays that of a micro-batch."""
+        n, B = self.cfg.per_device_train_batch_size, parts[0].shape[0]
+        if B <= n:
+            return fn(*parts)
+        return torch.cat([fn(*(x[s : s + n] for x in parts)) for s in range(0, B, n)], dim=0)
 
     def _ref_logprobs(self, parts) -> torch.Tensor:
         """log π_ref (B, T): the reference model, or with LoRA the policy with its adapters disabled."""
@@ -384,7 +393,8 @@ class PPOTrainer:
     def _score(self, p_ids, p_mask, resp, mask) -> torch.Tensor:
         if self.reward_fn is None:
             with autocast(self.device, self.cfg.bf16, self.cfg.fp16):
-                return reward_model_scores(self.reward_model, p_ids, p_mask, resp, mask).float()
+                return self._in_chunks(lambda *x: reward_model_scores(self.reward_model, *x),
+                                       (p_ids, p_mask, resp, mask)).float()
         prompts, responses = self._decode(p_ids, p_mask, resp, mask)
         out = self.reward_fn(prompts, responses)
         try:
