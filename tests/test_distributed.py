@@ -154,3 +154,64 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by rank 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT and reward model: 2 processes × (per-device batch 2) == 1 process × (batch 2, accumulation 2)
+# ---------------------------------------------------------------------------------------------
+
+SFT_ROWS = [{"prompt": f"Question {i}:", "response": " ".join(["the cat sat"] * (1 + i % 3))} for i in range(12)]
+PAIR_ROWS = [{"prompt": f"Pick {i}:", "chosen": "the cat sat", "rejected": "a dog " * (1 + i % 3)} for i in range(12)]
+
+
+def _supervised(stage: str, model_dir: str, out: str, accum: int):
+    from ppomax.config import RewardConfig, SFTConfig
+    from ppomax.data import write_jsonl
+    from ppomax.reward import train_reward_model
+    from ppomax.sft import train_sft
+
+    torch.set_num_threads(1)
+    data = os.path.join(out, "data.jsonl")
+    write_jsonl(data, SFT_ROWS if stage == "sft" else PAIR_ROWS)
+    kw = dict(model_name_or_path=model_dir, dataset=data, output_dir=os.path.join(out, "run"), max_steps=3,
+              per_device_train_batch_size=2, gradient_accumulation_steps=accum, learning_rate=1e-2,
+              eval_split=0.0, report_to="none", disable_tqdm=True, max_length=64, max_prompt_length=16, seed=3)
+    if stage == "sft":
+        return train_sft(SFTConfig(**kw))["metrics"]
+    return train_reward_model(RewardConfig(**kw))["metrics"]
+
+
+def _supervised_worker(rank: int, world: int, port: int, stage: str, model_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    rows = _supervised(stage, model_dir, out, accum=1)
+    torch.save(rows, os.path.join(out, f"rows-{rank}.pt"))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_two_process_sft_and_rm_equal_one_process(setup, tmp_path, stage):
+    from safetensors.torch import load_file
+
+    root, model_dir = setup
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one_dir.mkdir()
+    two_dir.mkdir()
+    n = torch.get_num_threads()
+    try:
+        one = _supervised(stage, model_dir, str(one_dir), accum=2)
+    finally:
+        torch.set_num_threads(n)
+    mp.start_processes(_supervised_worker, args=(2, _free_port(), stage, model_dir, str(two_dir)), nprocs=2,
+                       join=True, start_method="spawn")
+    two = [torch.load(two_dir / f"rows-{r}.pt", weights_only=False) for r in range(2)]
+    assert (two_dir / "run" / "metrics.jsonl").exists() and two[1]  # rank 0 wrote; rank 1 kept rows in memory
+    for k in ("train/loss", "grad_norm"):
+        assert two[0][-1][k] == pytest.approx(one[-1][k], rel=1e-4), k
+    w1 = load_file(one_dir / "run" / "model.safetensors")
+    w2 = load_file(two_dir / "run" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from ppomax import checkpoint as ckpt_lib
 from ppomax.errors import UserError
 from ppomax.training import (
     MetricsLogger,
+    RankMetrics,
     autocast,
     default_device,
     load_scheduler_state,
@@ -54,19 +54,25 @@ def run_supervised(
     save_model: Callable[[Any, Path], None],
 ) -> list[dict]:
     """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train alone and write the same files
-        raise UserError(f"ppomax {stage} runs in one process; start it without accelerate launch / torchrun "
-                        "(multi-process training is implemented for ppo only, docs/real_models.md)")
+    from ppomax import distributed as dist_lib
+
+    # Data parallel under accelerate launch / torchrun: every rank holds the model, takes its share
+    # of each global batch (per_device × accumulation × world), gradients are summed across ranks
+    # with losses weighted by the global batch, so the step equals the one-process step.
+    d = dist_lib.setup()
     device = default_device()
     out = Path(cfg.output_dir)
     resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
-    prepare_output_dir(cfg, stage)
+    if d.is_main:
+        prepare_output_dir(cfg, stage)
+    dist_lib.barrier(d)
     model.to(device)
+    dist_lib.broadcast_parameters(model, d)  # a fresh RM head is random on every rank
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
     micro = cfg.per_device_train_batch_size
-    accum = cfg.gradient_accumulation_steps
+    accum = cfg.gradient_accumulation_steps * d.world_size  # micro-batches per optimizer step, all ranks
     steps_per_epoch = max(1, math.ceil(len(train_examples) / (micro * accum)))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.num_train_epochs))
     optimizer = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
@@ -85,15 +91,19 @@ def run_supervised(
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         ckpt_lib.restore_rng(resume_ckpt, state)
         logger.info("resumed %s from %s at step %d", stage, resume_ckpt, step)
-        ckpt_lib.discard_after(out, step)  # later checkpoints belong to the crashed run's future
-    metrics = MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None)
+        if d.is_main:
+            ckpt_lib.discard_after(out, step)  # later checkpoints belong to the crashed run's future
+    metrics = (MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None) if d.is_main
+               else RankMetrics())
 
     def save(at_step: int) -> None:
-        st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
-        ckpt_lib.save_checkpoint(out, at_step, {"model": model}, {"model": optimizer}, st,
-                                 tokenizer=tokenizer, save_total_limit=cfg.save_total_limit)
+        if d.is_main:
+            st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
+            ckpt_lib.save_checkpoint(out, at_step, {"model": model}, {"model": optimizer}, st,
+                                     tokenizer=tokenizer, save_total_limit=cfg.save_total_limit)
+        dist_lib.barrier(d)
 
-    bar = progress(total=total, desc=stage, disable=cfg.disable_tqdm, initial=step)
+    bar = progress(total=total, desc=stage, disable=cfg.disable_tqdm or not d.is_main, initial=step)
     running: dict[str, list[float]] = {}
     try:
         groups_epoch, groups = -1, []
@@ -101,20 +111,27 @@ def run_supervised(
             if groups_epoch != epoch:  # rebuild this epoch's shuffled order (same seed on resume)
                 epoch_batches = batches(len(train_examples), micro, cfg.seed, epoch)
                 groups = [epoch_batches[i : i + accum] for i in range(0, len(epoch_batches), accum)]
+                # Multi-process: a final group too small to give every rank a micro-batch is dropped.
+                groups = [g for g in groups if len(g) >= d.world_size] or groups[:1]
                 groups_epoch = epoch
             model.train()
             group = groups[batch_pos]
             n_items = sum(len(b) for b in group)
-            for idx in group:
+            finite = True
+            for idx in group[d.rank :: d.world_size]:  # this rank's micro-batches of the global batch
                 batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx]).items()}
                 with autocast(device, cfg.bf16, cfg.fp16):
                     loss, stats = loss_fn(model, batch)
                 if not torch.isfinite(loss):
-                    raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
-                                    f"(last checkpoint in {out} is intact)")
-                (loss * len(idx) / n_items).backward()  # example-weighted mean over the group
+                    finite = False
+                    break
+                (loss * len(idx) / n_items).backward()  # example-weighted mean over the global group
                 for k, v in stats.items():
                     running.setdefault(k, []).append(v)
+            if dist_lib.all_reduce_sum(torch.tensor(float(not finite)), d) > 0:  # every rank stops together
+                raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
+                                f"(last checkpoint in {out} is intact)")
+            dist_lib.sum_gradients(model.parameters(), d)
             params = [p for p in model.parameters() if p.grad is not None]
             if cfg.max_grad_norm is not None:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -134,7 +151,7 @@ def run_supervised(
             if step % cfg.logging_steps == 0 or step == total:
                 row = {"step": step, "epoch": epoch + batch_pos / len(groups), "grad_norm": gn,
                        "lr": scheduler.get_last_lr()[0]}
-                row.update({f"train/{k}": sum(v) / len(v) for k, v in running.items()})
+                row.update(dist_lib.reduce_floats({f"train/{k}": sum(v) / len(v) for k, v in sorted(running.items())}, d))
                 running.clear()
                 if step % cfg.eval_steps == 0 or step == total:
                     row.update({f"eval/{k}": v for k, v in evaluate(model).items()})
@@ -146,5 +163,7 @@ def run_supervised(
     finally:
         bar.close()
         metrics.close()
-    save_model(model, out)
+    if d.is_main:
+        save_model(model, out)
+    dist_lib.barrier(d)
     return metrics.rows

@@ -184,6 +184,19 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+class RankMetrics:
+    """Metrics of a rank other than 0: kept in memory (for the return value), never written."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard / wandb).
 

@@ -36,6 +36,7 @@ from ppomax.ppo.rollout import (
 )
 from ppomax.training import (
     MetricsLogger,
+    RankMetrics,
     autocast,
     default_device,
     grad_norm,
@@ -264,7 +265,7 @@ class PPOTrainer:
         elif main:
             samples_path.unlink(missing_ok=True)
         self.metrics = (MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
-                        if main else _RankMetrics())
+                        if main else RankMetrics())
         bar = progress(total=self.total_iterations, desc=f"ppo {self.out.name}", disable=cfg.disable_tqdm or not main,
                        initial=self.iteration)
         try:
@@ -750,19 +751,6 @@ class PPOTrainer:
             if self.dist.enabled:  # the checkpoint holds rank 0's RNG; derive a distinct stream per rank
                 set_seed(self.cfg.seed + self.dist.rank + 100003 * self.iteration)
         logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-
-class _RankMetrics:
-    """Metrics of a rank other than 0: kept in memory (for ``train()``'s return value), never written."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.rows.append(dict(row))
-
-    def close(self) -> None:
-        pass
 
 
 def _cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
