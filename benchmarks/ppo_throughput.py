@@ -2,8 +2,8 @@
 
     pip install -e ".[bench]"                                  # trl==1.12.0 (last release with PPO)
     python benchmarks/ppo_throughput.py --config all --json out.json
-    python benchmarks/ppo_throughput.py --config M --bf16      # ppomax with bf16 autocast vs TRL fp32
-    python benchmarks/ppo_throughput.py --scaling --skip-trl   # s/iter on M as batch and length grow
+    python benchmarks/ppo_throughput.py --config M --bf16      # ppomax bf16 autocast vs TRL fp32 (+ ppomax fp32)
+    python benchmarks/ppo_throughput.py --scaling              # s/iter on M as batch and length grow (ppomax)
 
 Everything is local: tiny random Llama models and a BPE tokenizer are built in a temporary
 directory (``ppomax.models.build_tiny_model``), nothing is downloaded. Both libraries get the same
@@ -186,6 +186,7 @@ def child_ppomax(spec: dict) -> dict:
         "s_per_iter": [b - a for a, b in zip(stamps, stamps[1:])],
         "phases": phases,
         "reward_raw_mean": [r.get("reward/raw_mean") for r in rows],
+        "reward_raw_std": [r.get("reward/raw_std") for r in rows],
         "peak_rss_mb": _peak_rss_mb(),
         "torch": torch.__version__,
     }
@@ -200,12 +201,16 @@ def child_trl(spec: dict) -> dict:
 
     warnings.filterwarnings("ignore")
     import trl
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
     from datasets import Dataset
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from transformers.utils import logging as hf_logging
-
-    import trl.experimental.ppo.ppo_trainer as trl_ppo
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     hf_logging.set_verbosity_error()
@@ -290,14 +295,18 @@ def _stats(xs: list[float]) -> dict:
 def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
     models = build_models(cfg, root / name)
     spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16}
-    runs: dict[str, list[dict]] = {"ppomax": [], "trl": []}
+    # label -> (child, spec): with --bf16 ppomax runs in bf16, TRL in fp32, and ppomax fp32 alongside
+    kinds = {"ppomax": ("ppomax", spec)}
+    if not args.skip_trl:
+        kinds["trl"] = ("trl", dict(spec, bf16=False))
+    if args.bf16:
+        kinds["ppomax_fp32"] = ("ppomax", dict(spec, bf16=False))
+    runs: dict[str, list[dict]] = {label: [] for label in kinds}
     for rep in range(args.repeats):
-        for kind in ("ppomax", "trl"):
-            if kind == "trl" and args.skip_trl:
-                continue
-            r = run_child(kind, spec)
-            runs[kind].append(r)
-            print(f"  [{name}] {kind:6s} run {rep + 1}: median {statistics.median(r['s_per_iter']):.3f} s/iter, "
+        for label, (kind, sp) in kinds.items():
+            r = run_child(kind, sp)
+            runs[label].append(r)
+            print(f"  [{name}] {label:11s} run {rep + 1}: median {statistics.median(r['s_per_iter']):.3f} s/iter, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
     fl = model_flops(cfg)
     out: dict = {"settings": cfg, "flops": fl}
@@ -313,7 +322,20 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
     out["ppomax_iter_mfu"] = round(fl["iteration"] / out["ppomax_s_per_iter"]["median"] / 1e9 / gflops, 3)
     if args.bf16:
         out["ppomax_gen_mfu_vs_fp32_roof"] = round(fl["generate"] / phases["generate"] / 1e9 / roof["fp32_gflops"], 3)
-    if runs["trl"]:
+        f32 = runs["ppomax_fp32"]
+        out["ppomax_fp32_s_per_iter"] = _stats([x for r in f32 for x in r["s_per_iter"]])
+        out["ppomax_fp32_peak_rss_mb"] = max(r["peak_rss_mb"] for r in f32)
+        out["bf16_speedup_vs_ppomax_fp32"] = round(out["ppomax_fp32_s_per_iter"]["median"]
+                                                   / out["ppomax_s_per_iter"]["median"], 2)
+        # reward curves (same seed, models and prompts): per-iteration raw reward mean, averaged over
+        # the repeats, and the spread of single responses' scores for scale
+        curve = lambda rs, k: [round(statistics.mean(r[k][i] for r in rs), 4) for i in range(len(rs[0][k]))]  # noqa: E731
+        out["reward_curve_bf16"] = curve(runs["ppomax"], "reward_raw_mean")
+        out["reward_curve_fp32"] = curve(f32, "reward_raw_mean")
+        out["reward_std_fp32"] = curve(f32, "reward_raw_std")
+        out["reward_curve_max_abs_diff"] = round(max(abs(a - b) for a, b in
+                                                     zip(out["reward_curve_bf16"], out["reward_curve_fp32"])), 4)
+    if runs.get("trl"):
         tm = [x for r in runs["trl"] for x in r["s_per_iter"]]
         out["trl_s_per_iter"] = _stats(tm)
         out["trl_peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs["trl"])
@@ -395,6 +417,10 @@ def print_table(results: dict) -> None:
               f"{r['ppomax_peak_rss_mb']:9.0f}MB {r.get('trl_peak_rss_mb', float('nan')):6.0f}MB "
               f"{r['ppomax_gen_mfu']:8.1%} {r.get('trl_gen_mfu', float('nan')):11.1%}")
         print(f"       ppomax phases (s): {r['ppomax_phase_s']}")
+        if "ppomax_fp32_s_per_iter" in r:
+            print(f"       bf16: ppomax fp32 {fmt(r['ppomax_fp32_s_per_iter'])} s/iter (bf16 speedup "
+                  f"{r['bf16_speedup_vs_ppomax_fp32']:.2f}x); reward curve bf16 {r['reward_curve_bf16']} vs fp32 "
+                  f"{r['reward_curve_fp32']} (score std ~{statistics.mean(r['reward_std_fp32']):.2f})")
 
 
 def main() -> None:
@@ -405,8 +431,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="measured iterations per run (after 1 warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating ppomax/TRL run pairs per config")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scaling", action="store_true", help="also (or with --config none: only) the scaling table on M")
-    ap.add_argument("--scaling-only", action="store_true", help="skip the S/M/M64 configs")
+    ap.add_argument("--scaling", action="store_true",
+                    help="instead of the configs: s/iter on M as batch goes 16->128 and response length 32->256")
     ap.add_argument("--scaling-iters", type=int, default=3)
     ap.add_argument("--scaling-trl", action="store_true", help="also run TRL at each scaling point (slow)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -416,7 +442,7 @@ def main() -> None:
         kind, spec = args._child
         print(json.dumps(CHILDREN[kind](json.loads(spec))))
         return
-    if not args.skip_trl:
+    if not args.skip_trl and (not args.scaling or args.scaling_trl):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -430,12 +456,12 @@ def main() -> None:
     results["configs"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        if not args.scaling_only:
+        if not args.scaling:
             names = list(CONFIGS) if args.config == "all" else [args.config]
             for name in names:
                 print(f"config {name}: {CONFIGS[name]}", flush=True)
                 results["configs"][name] = bench_config(name, CONFIGS[name], args, roof, root)
-        if args.scaling or args.scaling_only:
+        if args.scaling:
             results["scaling"] = bench_scaling(args, root)
     roof_end = run_child("roof", {"threads": args.threads, "bf16": args.bf16})
     results["roof"] = {"start": roof, "end": roof_end}
@@ -443,6 +469,9 @@ def main() -> None:
     print()
     if results["configs"]:
         print_table(results)
+    for row in results.get("scaling", []):
+        print(f"scaling B={row['batch']:4d} T={row['response']:4d}: {row['ppomax_s_per_iter']:.3f} s/iter, "
+              f"{row['ms_per_response_token']:.3f} ms per response token")
     print(f"load average at start {results['machine']['loadavg_start']}, at end {results['machine']['loadavg_end']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

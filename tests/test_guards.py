@@ -145,7 +145,10 @@ def test_nan_weights_skip_updates_stop_the_run_and_never_reach_a_checkpoint(tiny
                 tr.policy.model.norm.weight[0] = float("nan")
         return share_of_e(prompts, responses)
 
-    tr = trainer(tiny, out, reward_fn=poison_after_first_step, max_steps=6, save_steps=1, max_consecutive_skips=2)
+    # rollout_logprobs='forward': log π_old from a forward after scoring, so the poisoned weight shows
+    # up as NaN log-probs in this rollout (from the sampling logits it would only reach the update)
+    tr = trainer(tiny, out, reward_fn=poison_after_first_step, max_steps=6, save_steps=1, max_consecutive_skips=2,
+                 rollout_logprobs="forward")
     with caplog.at_level(logging.WARNING, logger="ppomax"):
         with pytest.raises(UserError) as info:
             tr.train()
@@ -163,7 +166,8 @@ def test_nan_weights_skip_updates_stop_the_run_and_never_reach_a_checkpoint(tiny
     assert finite(load_causal_lm(out / "checkpoint-1" / "policy"))
     assert finite(ScalarHeadModel.from_pretrained(out / "checkpoint-1" / "critic"))
     # and a run resumed from it is healthy again
-    resumed = trainer(tiny, out, max_steps=2, save_steps=1, max_consecutive_skips=2, resume_from="latest")
+    resumed = trainer(tiny, out, max_steps=2, save_steps=1, max_consecutive_skips=2, resume_from="latest",
+                      rollout_logprobs="forward")
     rows = resumed.train()
     assert [r["step"] for r in rows] == [2] and "skipped" not in rows[0]
 

@@ -235,6 +235,11 @@ class PPOConfig(LoraArgs, RunArgs):
     stop_at_eos: bool = opt(
         True, "End a response at its first EOS (off: every response is exactly response_length tokens, e.g. for benchmarks).",
     )
+    rollout_logprobs: str = opt(
+        "auto", "Where log π_old comes from: 'generate' (the sampling logits, no second policy forward), 'forward' "
+        "(a full forward, bit-identical to the training forward), 'auto' (generate in fp32, forward under bf16/fp16).",
+        choices=("auto", "generate", "forward"),
+    )
     missing_eos_penalty: float | None = opt(None, "Subtract this from the score of responses that hit the cap without EOS.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)

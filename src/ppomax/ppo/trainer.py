@@ -352,13 +352,16 @@ class PPOTrainer:
         chunks = []
         self.policy.eval()
         self.critic.eval()
+        # log π_old from the sampling logits saves a policy forward; in fp32 they match it to ~1e-6,
+        # under autocast to ~1e-2, so 'auto' recomputes there (then the first ratio is exactly 1).
+        gen_logp = cfg.rollout_logprobs == "generate" or (cfg.rollout_logprobs == "auto" and not (cfg.bf16 or cfg.fp16))
         for s in range(0, len(idx), cfg.generation_batch_size):
             p_ids, p_mask = prompt_ids[s : s + cfg.generation_batch_size], prompt_mask[s : s + cfg.generation_batch_size]
             t = time.perf_counter()
             with autocast(self.device, cfg.bf16, cfg.fp16):
-                resp, mask, truncated = generate(
+                resp, mask, truncated, *gen_out = generate(
                     self.policy, p_ids, p_mask, cfg.response_length, self.eos_id, self.pad_id,
-                    cfg.temperature, cfg.top_k, cfg.top_p, stop_at_eos=cfg.stop_at_eos,
+                    cfg.temperature, cfg.top_k, cfg.top_p, stop_at_eos=cfg.stop_at_eos, return_logprobs=gen_logp,
                 )
             timings["time/generate"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -367,7 +370,10 @@ class PPOTrainer:
             t = time.perf_counter()
             parts = (p_ids, p_mask, resp, mask)
             with autocast(self.device, cfg.bf16, cfg.fp16):
-                logp = self._in_chunks(lambda *x: response_logprobs(self.policy, x, cfg.temperature), parts)
+                if gen_logp:
+                    logp = gen_out[0]
+                else:
+                    logp = self._in_chunks(lambda *x: response_logprobs(self.policy, x, cfg.temperature), parts)
                 ref_logp = self._in_chunks(lambda *x: self._ref_logprobs(x), parts)
                 values = self._in_chunks(lambda *x: response_values(self.critic, *x), parts)
             timings["time/forward"] += time.perf_counter() - t
