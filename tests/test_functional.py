@@ -247,3 +247,14 @@ def test_micro_batch_accumulation_equals_full_batch():
     # and the naive per-micro-batch mean would NOT match (the test can fail)
     naive = sum(torch.autograd.grad(losses(rows, None), w)[0] for rows in ([0, 1], [2, 3], [4, 5])) / 3
     assert not torch.allclose(naive, g_full, atol=1e-6)
+
+
+def test_next_token_nll_shifts_and_masks():
+    # position 0 predicts token 1 with probs [0.25, 0.75]; label 1 -> nll = -log 0.75.
+    # position 1 predicts token 2, whose label is -100 (masked).
+    logits = t([[[0.0, math.log(3.0)], [5.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[-100, 1, -100]])
+    nll, m = F.next_token_nll(logits, labels)
+    assert nll.shape == (1, 2) and m.tolist() == [[1.0, 0.0]]
+    assert nll[0, 0].item() == pytest.approx(-math.log(0.75))
+    assert F.masked_mean(nll, m).item() == pytest.approx(-math.log(0.75))

@@ -84,12 +84,11 @@ def summarize(samples: dict[str, Any], gold: Sequence[float] | None = None) -> d
 
 def win_rate_with_ci(scores: Sequence[float], baseline_scores: Sequence[float]) -> tuple[float, list[float]]:
     """Paired win rate (ties half) and its 95 % Wilson interval."""
-    from ppomax.stats import wilson_interval
+    from ppomax.stats import wilson_interval, win_rate
 
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores))
-    n = len(scores)
-    lo, hi = wilson_interval(wins, n)
-    return wins / max(n, 1), [lo, hi]
+    wr = win_rate(scores, baseline_scores)
+    lo, hi = wilson_interval(wr * len(scores), len(scores))
+    return wr, [lo, hi]
 
 
 def evaluate(cfg) -> dict[str, Any]:

@@ -91,6 +91,18 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of each labelled next token: logits (B, L, V) at position t predict labels[:, t + 1].
+
+    Returns (nll (B, L-1), mask (B, L-1)) with mask 0 where the label is -100 (prompt, padding);
+    reduce with :func:`masked_mean` (SFT loss, PPO-ptx, the RM's LM term) or sum (eval).
+    """
+    labels = labels[:, 1:]
+    mask = (labels != -100).float()
+    nll = -logprobs_from_logits(logits[:, :-1], labels.clamp(min=0))
+    return nll, mask
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy H(π(·|s_t)) per position: logsumexp(z) − Σ softmax(z)·z.  (B, T, V) -> (B, T)."""
     logits = logits.float()

@@ -22,6 +22,7 @@ from ppomax.training import (
     RankMetrics,
     autocast,
     default_device,
+    grad_norm,
     load_scheduler_state,
     make_optimizer,
     make_scheduler,
@@ -136,7 +137,7 @@ def run_supervised(
             if cfg.max_grad_norm is not None:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             else:
-                gn = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                gn = grad_norm(params)
             if not math.isfinite(gn):  # stepping would write NaN into the weights (and the next checkpoint)
                 raise UserError(f"{stage}: non-finite gradient norm at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")

@@ -38,10 +38,8 @@ def make_rm_loss(rm_lm_coef: float, lm_head=None):
         stats = {"pair_loss": loss.item(), "accuracy": (rc > rr).float().mean().item()}
         if rm_lm_coef > 0:
             B = rc.shape[0]
-            logits = lm_head(hidden[:B, :-1])  # LM term on the chosen responses only
-            labels = batch["labels"][:B, 1:]
-            m = (labels != -100).float()
-            lm = F.masked_mean(-F.logprobs_from_logits(logits, labels.clamp(min=0)), m)
+            # LM term on the chosen responses only (the first B rows)
+            lm = F.masked_mean(*F.next_token_nll(lm_head(hidden[:B]), batch["labels"][:B]))
             loss = loss + rm_lm_coef * lm
             stats["lm_loss"] = lm.item()
         stats["loss"] = loss.item()

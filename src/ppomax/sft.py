@@ -37,10 +37,7 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
-    logits = out.logits[:, :-1]  # (B, L-1, V) predicts tokens 1..L-1
-    labels = batch["labels"][:, 1:]  # (B, L-1)
-    m = (labels != -100).float()
-    nll = -F.logprobs_from_logits(logits, labels.clamp(min=0))
+    nll, m = F.next_token_nll(out.logits, batch["labels"])  # (B, L-1)
     loss = F.masked_mean(nll, m)
     return loss, {"loss": loss.item()}
 
@@ -59,9 +56,7 @@ def eval_lm(model, examples: list, collate, batch_size: int) -> dict[str, float]
         batch = {k: v.to(device) for k, v in collate(examples[s : s + batch_size]).items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
-        labels = batch["labels"][:, 1:]
-        m = (labels != -100).float()
-        nll = -F.logprobs_from_logits(out.logits[:, :-1], labels.clamp(min=0))
+        nll, m = F.next_token_nll(out.logits, batch["labels"])
         total += (nll * m).sum().item()
         count += m.sum().item()
     loss = total / max(count, 1.0)

@@ -153,7 +153,6 @@ class PPOTrainer:
             raise ConfigError("PPOConfig.dataset is required (flag --dataset), or pass prompts=")
         rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows)
         self.prompt_ids, n_trunc, n_drop = [], 0, 0
-        self.prompt_texts: list[str] = []
         for row in rows:
             ids = D.encode_prompt(tokenizer, row["prompt"])
             fitted = D.fit_prompt(ids, cfg.max_prompt_length, cfg.truncation_mode)
@@ -530,11 +529,7 @@ class PPOTrainer:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with autocast(self.device, cfg.bf16, cfg.fp16):
             out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        m = (labels != -100).float()
-        nll = -F.logprobs_from_logits(logits, labels.clamp(min=0))
-        loss = F.masked_mean(nll, m)
+        loss = F.masked_mean(*F.next_token_nll(out.logits, batch["labels"]))
         self._backward(cfg.ptx_coef * loss / self.dist.world_size, "ptx loss")  # summed over ranks: the mean
         return {"ptx/loss": loss.item()}
 
