@@ -4,6 +4,7 @@
     python benchmarks/ppo_throughput.py --config all --json out.json
     python benchmarks/ppo_throughput.py --config M --bf16      # ppomax bf16 autocast vs TRL fp32 (+ ppomax fp32)
     python benchmarks/ppo_throughput.py --scaling              # s/iter on M as batch and length grow (ppomax)
+    python benchmarks/ppo_throughput.py --config all --compile # ppomax with torch_compile=True (+ eager ppomax)
 
 Everything is local: tiny random Llama models and a BPE tokenizer are built in a temporary
 directory (``ppomax.models.build_tiny_model``), nothing is downloaded. Both libraries get the same
@@ -17,7 +18,10 @@ Every run is its own subprocess (peak RSS is that process's own ``ru_maxrss``), 
 warm-up iteration and then ``--iters`` measured ones; runs alternate ppomax, TRL, ppomax, TRL
 (``--repeats`` pairs) so that drift in machine load hits both. Seconds per iteration are the
 wall-clock intervals between the ends of consecutive iterations (TRL: ``on_step_end``; ppomax: the
-return of ``PPOTrainer.step``), so both include their own per-iteration bookkeeping.
+return of ``PPOTrainer.step``), so both include their own per-iteration bookkeeping. With
+``--compile`` ppomax runs with ``torch_compile=True`` (torch.compile, issue #5) and an eager ppomax
+run alternates with it; torch.compile's compilation happens in the warm-up iteration, whose
+length (``first_iter_s``) and the number of compiled graphs are recorded.
 
 MFU: a large fp32 matmul with the same thread count is timed in this run (the "roof", GFLOP/s).
 Generation FLOPs are counted as 2 · (non-embedding params) per token of prompt and response, plus
@@ -166,6 +170,7 @@ def child_ppomax(spec: dict) -> dict:
             num_ppo_epochs=1, max_prompt_length=c["prompt"], response_length=c["response"], temperature=TEMPERATURE,
             stop_at_eos=False, critic_pretrain_steps=0, max_steps=n_iter, save_steps=10**6, report_to="none",
             disable_tqdm=True, learning_rate=1e-5, critic_learning_rate=1e-5, bf16=spec["bf16"],
+            torch_compile=spec.get("compile", False),
         )
         trainer = PPOTrainer(cfg, prompts=prompts)
         stamps: list[float] = []
@@ -182,8 +187,16 @@ def child_ppomax(spec: dict) -> dict:
     phases = {}
     for key in ("time/generate", "time/score", "time/forward", "time/train", "time/iteration"):
         phases[key] = statistics.median(r[key] for r in measured)
+    try:  # graphs compiled by torch.compile (0 without --compile); more than the first iteration's = recompiles
+        from torch._dynamo.utils import counters
+
+        graphs = int(counters["stats"]["unique_graphs"])
+    except Exception:
+        graphs = None
     return {
         "s_per_iter": [b - a for a, b in zip(stamps, stamps[1:])],
+        "first_iter_s": rows[0]["time/iteration"],  # the warm-up: includes torch.compile's compilation
+        "compiled_graphs": graphs,
         "phases": phases,
         "reward_raw_mean": [r.get("reward/raw_mean") for r in rows],
         "reward_raw_std": [r.get("reward/raw_std") for r in rows],
@@ -294,13 +307,16 @@ def _stats(xs: list[float]) -> dict:
 
 def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
     models = build_models(cfg, root / name)
-    spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16}
+    spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16,
+            "compile": args.compile}
     # label -> (child, spec): with --bf16 ppomax runs in bf16, TRL in fp32, and ppomax fp32 alongside
     kinds = {"ppomax": ("ppomax", spec)}
     if not args.skip_trl:
         kinds["trl"] = ("trl", dict(spec, bf16=False))
     if args.bf16:
-        kinds["ppomax_fp32"] = ("ppomax", dict(spec, bf16=False))
+        kinds["ppomax_fp32"] = ("ppomax", dict(spec, bf16=False, compile=False))
+    if args.compile:  # torch.compile (issue #5): the same ppomax run without compile alongside
+        kinds["ppomax_eager"] = ("ppomax", dict(spec, compile=False))
     runs: dict[str, list[dict]] = {label: [] for label in kinds}
     for rep in range(args.repeats):
         for label, (kind, sp) in kinds.items():
@@ -335,6 +351,21 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
         out["reward_std_fp32"] = curve(f32, "reward_raw_std")
         out["reward_curve_max_abs_diff"] = round(max(abs(a - b) for a, b in
                                                      zip(out["reward_curve_bf16"], out["reward_curve_fp32"])), 4)
+    out["ppomax_first_iter_s"] = round(statistics.median(r["first_iter_s"] for r in runs["ppomax"]), 2)
+    out["ppomax_compiled_graphs"] = [r.get("compiled_graphs") for r in runs["ppomax"]]
+    if args.compile:
+        eg = runs["ppomax_eager"]
+        out["ppomax_eager_s_per_iter"] = _stats([x for r in eg for x in r["s_per_iter"]])
+        out["ppomax_eager_phase_s"] = {k.split("/")[1]: round(statistics.median(r["phases"][k] for r in eg), 4)
+                                       for k in eg[0]["phases"]}
+        out["ppomax_eager_peak_rss_mb"] = max(r["peak_rss_mb"] for r in eg)
+        out["ppomax_eager_first_iter_s"] = round(statistics.median(r["first_iter_s"] for r in eg), 2)
+        out["ppomax_eager_gen_mfu"] = round(fl["generate"] / out["ppomax_eager_phase_s"]["generate"] / 1e9 / gflops, 3)
+        out["compile_speedup_vs_eager"] = round(out["ppomax_eager_s_per_iter"]["median"]
+                                                / out["ppomax_s_per_iter"]["median"], 2)
+        # each compiled run against the eager run right after it
+        out["compile_speedup_per_pair"] = [round(statistics.median(e["s_per_iter"]) / statistics.median(c["s_per_iter"]), 2)
+                                           for c, e in zip(runs["ppomax"], eg)]
     if runs.get("trl"):
         tm = [x for r in runs["trl"] for x in r["s_per_iter"]]
         out["trl_s_per_iter"] = _stats(tm)
@@ -360,7 +391,7 @@ def bench_scaling(args, root: Path) -> list[dict]:
             built[key] = build_models(cfg, root / key)
         models = built[key]
         spec = {"cfg": cfg, "models": models, "iters": args.scaling_iters, "threads": args.threads, "seed": 0,
-                "bf16": args.bf16}
+                "bf16": args.bf16, "compile": args.compile}
         r = run_child("ppomax", spec)
         s = statistics.median(r["s_per_iter"])
         row = {"batch": cfg["batch"], "prompt": cfg["prompt"], "response": cfg["response"], "ppomax_s_per_iter": round(s, 4),
@@ -417,6 +448,14 @@ def print_table(results: dict) -> None:
               f"{r['ppomax_peak_rss_mb']:9.0f}MB {r.get('trl_peak_rss_mb', float('nan')):6.0f}MB "
               f"{r['ppomax_gen_mfu']:8.1%} {r.get('trl_gen_mfu', float('nan')):11.1%}")
         print(f"       ppomax phases (s): {r['ppomax_phase_s']}")
+        if "ppomax_eager_s_per_iter" in r:
+            e = r["ppomax_eager_s_per_iter"]
+            speedup_eager = (f", TRL / eager {r['trl_s_per_iter']['median'] / e['median']:.2f}x"
+                             if "trl_s_per_iter" in r else "")
+            print(f"       torch.compile: eager ppomax {fmt(e)} s/iter, compiled {r['compile_speedup_vs_eager']:.2f}x "
+                  f"faster (per pair {r['compile_speedup_per_pair']}){speedup_eager}; first iteration "
+                  f"{r['ppomax_first_iter_s']:.1f} s compiled vs {r['ppomax_eager_first_iter_s']:.1f} s eager; "
+                  f"eager phases {r['ppomax_eager_phase_s']}; eager gen MFU {r['ppomax_eager_gen_mfu']:.1%}")
         if "ppomax_fp32_s_per_iter" in r:
             print(f"       bf16: ppomax fp32 {fmt(r['ppomax_fp32_s_per_iter'])} s/iter (bf16 speedup "
                   f"{r['bf16_speedup_vs_ppomax_fp32']:.2f}x); reward curve bf16 {r['reward_curve_bf16']} vs fp32 "
@@ -428,6 +467,8 @@ def main() -> None:
     ap.add_argument("--config", default="all", choices=(*CONFIGS, "all"))
     ap.add_argument("--bf16", action="store_true", help="ppomax with bf16 autocast (TRL stays fp32: its flag does nothing on CPU)")
     ap.add_argument("--skip-trl", action="store_true", help="only ppomax")
+    ap.add_argument("--compile", action="store_true",
+                    help="ppomax with torch_compile=True (torch.compile, issue #5), and an eager ppomax run alongside")
     ap.add_argument("--iters", type=int, default=5, help="measured iterations per run (after 1 warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating ppomax/TRL run pairs per config")
     ap.add_argument("--threads", type=int, default=2)
@@ -449,7 +490,7 @@ def main() -> None:
             raise SystemExit("TRL is not installed: pip install -e '.[bench]' (trl==1.12.0), or pass --skip-trl") from None
     results: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": machine_info(),
                      "settings": {"threads": args.threads, "iters": args.iters, "repeats": args.repeats,
-                                  "bf16": args.bf16, "temperature": TEMPERATURE, "num_mini_batches": NUM_MINI_BATCHES,
+                                  "bf16": args.bf16, "compile": args.compile, "temperature": TEMPERATURE, "num_mini_batches": NUM_MINI_BATCHES,
                                   "num_ppo_epochs": 1}}
     roof = run_child("roof", {"threads": args.threads, "bf16": args.bf16})
     print(f"matmul roof ({args.threads} threads): {roof}", flush=True)

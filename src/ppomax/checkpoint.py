@@ -102,13 +102,15 @@ def save_checkpoint(
     tokenizer: Any = None,
     save_total_limit: int | None = 2,
     keep: tuple[str | Path, ...] = (),
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically; return its path.
 
     ``models`` maps a name to anything with ``save_pretrained(dir)``; ``state`` must be
     JSON-serialisable (the trainer's counters, moments, scheduler states, ...). Rotation
     (``save_total_limit``) never deletes the new checkpoint nor those in ``keep`` (e.g. the
-    collapse guard's last healthy checkpoint).
+    collapse guard's last healthy checkpoint). ``rank_rng``: the other ranks' torch generator
+    states of a multi-process run (``torch_cpu_rank<r>``, ...), stored next to this process's.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,7 @@ def save_checkpoint(
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
         js_rng, tensor_rng = rng_state()
-        save_file(tensor_rng, tmp / "rng.safetensors")
+        save_file({**tensor_rng, **(rank_rng or {})}, tmp / "rng.safetensors")
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump({"step": step, "rng": js_rng, **state}, fh)
         (tmp / "COMPLETE").write_text(str(step))
@@ -213,11 +215,27 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
         return json.load(fh)
 
 
-def restore_rng(ckpt: str | Path, state: dict[str, Any]) -> None:
-    set_rng_state(state["rng"], load_file(Path(ckpt) / "rng.safetensors"))
+def restore_rng(ckpt: str | Path, state: dict[str, Any], rank: int = 0) -> bool:
+    """Restore the RNGs; rank r > 0 of a multi-process run takes its own torch generator states
+    when the checkpoint has them. Returns False when a rank > 0 found none (older checkpoint)."""
+    tensors = load_file(Path(ckpt) / "rng.safetensors")
+    set_rng_state(state["rng"], tensors)
+    if rank == 0:
+        return True
+    own = {k[: -len(f"_rank{rank}")]: v for k, v in tensors.items() if k.endswith(f"_rank{rank}")}
+    if "torch_cpu" not in own:
+        return False
+    torch.set_rng_state(own["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in own:
+        torch.cuda.set_rng_state(own["torch_cuda"])
+    return True
 
 
-def load_optimizer(ckpt: str | Path, name: str, optimizer: torch.optim.Optimizer) -> None:
+def load_optimizer(ckpt: str | Path, name: str, optimizer: torch.optim.Optimizer, model: Any = None) -> None:
+    """Restore an optimizer. States saved by a sharded run are keyed by parameter name and need
+    ``model`` (they load into any number of processes); plain ones load into unsharded models."""
+    from ppomax import sharding
+
     path = Path(ckpt) / f"optimizer-{name}.pt"
     if not path.exists():
         raise CheckpointError(f"{ckpt}: missing optimizer state {path.name}")
@@ -225,9 +243,17 @@ def load_optimizer(ckpt: str | Path, name: str, optimizer: torch.optim.Optimizer
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary pickled objects
         raise CheckpointError(f"{path}: refused to load (not a plain tensor state: {e})") from None
+    by_name = any(isinstance(p, str) for g in sd.get("param_groups", []) for p in g.get("params", []))
     try:
-        optimizer.load_state_dict(sd)
-    except (ValueError, KeyError) as e:
+        if by_name:
+            if model is None:
+                raise ValueError("a parameter-name keyed state needs the model")
+            sharding.load_optimizer_state(model, optimizer, sd)
+        elif sharding.is_sharded(model):
+            raise ValueError("it was saved by an unsharded run; resume it with --sharding none")
+        else:
+            optimizer.load_state_dict(sd)
+    except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: optimizer state does not match this model ({e})") from None
 
 

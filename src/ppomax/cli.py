@@ -171,6 +171,23 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _relaunch_cpu_processes(argv: list[str]) -> None:
+    """``accelerate launch --cpu --num_processes N`` gives one process (multi-CPU needs mpirun):
+    start the N gloo processes the user asked for with torch's own launcher, in place of this one."""
+    import os
+
+    from ppomax.distributed import cpu_launch_processes
+
+    n = cpu_launch_processes()
+    if n is None:
+        return
+    logging.getLogger("ppomax").info("accelerate launch --cpu asked for %d processes and started one; starting %d "
+                                     "gloo processes with torch.distributed.run", n, n)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                              "--master_addr", os.environ["MASTER_ADDR"],
+                              "--master_port", os.environ.get("MASTER_PORT", "29500"), "-m", "ppomax", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     ns = parser.parse_args(argv)
@@ -178,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if ns.command in ("sft", "rm", "ppo"):
+        _relaunch_cpu_processes(sys.argv[1:] if argv is None else argv)
     func, cls = ns.func, ns.cls
     del ns.cls
     try:

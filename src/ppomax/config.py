@@ -118,6 +118,12 @@ class RunArgs:
     bf16: bool = opt(False, "bfloat16 autocast for forward passes (master weights stay fp32).")
     fp16: bool = opt(False, "float16 autocast (GPU only; prefer bf16).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the transformer blocks.")
+    sharding: str = opt(
+        "none", "Multi-process memory sharding with PyTorch FSDP2: 'zero2' shards the trained models' weights, "
+        "gradients and optimizer state (whole during forward/backward), 'zero3' also re-shards after each forward "
+        "and shards the frozen models. 'none': a full copy per process. Set from accelerate's FSDP config too.",
+        choices=("none", "zero2", "zero3"),
+    )
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory (off: safer).")
     skip_bad_rows: bool = opt(False, "Skip and count malformed data rows instead of stopping with an error.")
     max_prompt_length: int = opt(512, "Prompts longer than this (tokens) are truncated or dropped.", ge=1)
@@ -239,6 +245,11 @@ class PPOConfig(LoraArgs, RunArgs):
         "auto", "Where log π_old comes from: 'generate' (the sampling logits, no second policy forward), 'forward' "
         "(a full forward, bit-identical to the training forward), 'auto' (generate in fp32, forward under bf16/fp16).",
         choices=("auto", "generate", "forward"),
+    )
+    torch_compile: bool = opt(
+        False, "torch.compile (inductor) the decode step and the policy, reference, critic and reward-model forwards "
+        "(and their backward). Faster iterations once compiled, but the first iteration compiles for tens of seconds "
+        "and the first change of prompt/response length recompiles once (with dynamic shapes): for long runs.",
     )
     missing_eos_penalty: float | None = opt(None, "Subtract this from the score of responses that hit the cap without EOS.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------

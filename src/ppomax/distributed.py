@@ -42,14 +42,14 @@ def setup() -> Dist:
     """Join the process group if launched with ``WORLD_SIZE > 1``; return this process's rank."""
     from ppomax.errors import UserError
 
-    for var, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(var, "").lower() == "true":  # refuse rather than silently run unsharded
-            raise UserError(f"ppomax runs plain data parallelism (full model copies on every rank) and does not "
-                            f"shard with {what} yet; use examples/accelerate/ddp.yaml (see examples/README.md)")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # refuse rather than run unsharded
+        raise UserError("ppomax shards with PyTorch FSDP2, not a DeepSpeed engine: for ZeRO-2 / ZeRO-3 use "
+                        "`--sharding zero2|zero3` or examples/accelerate/fsdp_zero2.yaml / fsdp_zero3.yaml "
+                        "(see examples/README.md)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR"):
-            logger.warning("`accelerate launch --cpu` starts a single process unless run under mpirun; for N "
+            logger.warning("`accelerate launch --cpu` started a single process (multi-CPU needs mpirun); for N "
                            "processes on CPU use `accelerate launch --multi_gpu --num_processes N` (gloo) or torchrun")
         return Dist()
     import torch.distributed as dist
@@ -60,7 +60,37 @@ def setup() -> Dist:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+    d = Dist(dist.get_rank(), dist.get_world_size())
+    logger.info("process group: rank %d of %d (%s)", d.rank, d.world_size, dist.get_backend())
+    return d
+
+
+def cpu_launch_processes(parent_args: list[str] | None = None) -> int | None:
+    """N when this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1).
+
+    accelerate runs such a launch as one plain process unless mpirun is configured; it sets
+    ``ACCELERATE_USE_CPU`` and ``MASTER_ADDR`` but no ``WORLD_SIZE``, and N is only in the
+    launcher's own command line (its parent process here, read from /proc on Linux).
+    """
+    env = os.environ
+    if env.get("WORLD_SIZE") or env.get("ACCELERATE_USE_CPU", "").lower() != "true" or not env.get("MASTER_ADDR"):
+        return None
+    args = parent_args
+    if args is None:
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+                args = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+        except OSError:
+            return None
+    if not any(os.path.basename(a).startswith("accelerate") or a.endswith("accelerate.commands.launch") for a in args):
+        return None
+    n = None
+    for i, a in enumerate(args):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(args):
+            n = args[i + 1]
+        elif a.startswith(("--num_processes=", "--num-processes=")):
+            n = a.split("=", 1)[1]
+    return int(n) if n is not None and n.isdigit() and int(n) > 1 else None
 
 
 def _dist():
@@ -130,6 +160,39 @@ def broadcast_parameters(module: torch.nn.Module, d: Dist) -> None:
         for p in module.parameters():
             if p.requires_grad:
                 _dist().broadcast(p.data, src=0)
+
+
+def check_identical(module: torch.nn.Module, d: Dist, what: str) -> None:
+    """Refuse to start when ranks hold different trainable weights (sharding has no broadcast step:
+    every rank must build the same model, e.g. from the same seed)."""
+    if not d.enabled:
+        return
+    s = sum(float(p.detach().double().sum()) for p in module.parameters() if p.requires_grad)
+    t = torch.tensor([s, -s], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    if t[0].item() != -t[1].item():
+        from ppomax.errors import UserError
+
+        raise UserError(f"the processes start from different {what} weights; build the models from the same "
+                        "seed on every rank")
+
+
+def gather_rng_states(d: Dist) -> dict[str, torch.Tensor]:
+    """Every rank's torch generator states, for rank 0 to store (``torch_cpu_rank<r>``, and
+    ``torch_cuda_rank<r>`` for the rank's current GPU), so that a resumed multi-process run
+    continues each rank's sampling stream exactly. Collective; {} on one process."""
+    if not d.enabled:
+        return {}
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    out = {}
+    states = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    for name, st in states.items():
+        for r, x in enumerate(all_gather(st.to(device).unsqueeze(0), d)):
+            if r > 0:
+                out[f"{name}_rank{r}"] = x.cpu()
+    return out
 
 
 def barrier(d: Dist) -> None:

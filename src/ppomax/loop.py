@@ -56,6 +56,7 @@ def run_supervised(
 ) -> list[dict]:
     """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir."""
     from ppomax import distributed as dist_lib
+    from ppomax import sharding
 
     # Data parallel under accelerate launch / torchrun: every rank holds the model, takes its share
     # of each global batch (per_device × accumulation × world), gradients are summed across ranks
@@ -67,10 +68,19 @@ def run_supervised(
     if d.is_main:
         prepare_output_dir(cfg, stage)
     dist_lib.barrier(d)
-    model.to(device)
-    dist_lib.broadcast_parameters(model, d)  # a fresh RM head is random on every rank
+    mode = sharding.resolve_mode(cfg.sharding, d.world_size)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if mode == "none":
+        model.to(device)
+        dist_lib.broadcast_parameters(model, d)  # a fresh RM head is random on every rank
+    else:  # FSDP2 (sharding.py): from the host, one block at a time; before the optimizer
+        from ppomax.models import is_peft_model
+
+        if is_peft_model(getattr(model, "backbone", model)):
+            raise UserError("sharding with LoRA is not supported yet: use LoRA or --sharding, not both")
+        dist_lib.check_identical(model, d, stage)
+        sharding.shard(model, mode, trainable=True)
 
     micro = cfg.per_device_train_batch_size
     accum = cfg.gradient_accumulation_steps * d.world_size  # micro-batches per optimizer step, all ranks
@@ -87,7 +97,7 @@ def run_supervised(
         from ppomax.models import load_weights_into
 
         load_weights_into(model, resume_ckpt / "model")
-        ckpt_lib.load_optimizer(resume_ckpt, "model", optimizer)
+        ckpt_lib.load_optimizer(resume_ckpt, "model", optimizer, model)
         load_scheduler_state(scheduler, state["scheduler"])
         step, epoch, batch_pos = state["step"], state["epoch"], state["batch_pos"]
         ckpt_lib.restore_rng(resume_ckpt, state)
@@ -98,9 +108,12 @@ def run_supervised(
                else RankMetrics())
 
     def save(at_step: int) -> None:
+        saved_model, saved_opt = model, optimizer
+        if mode != "none":  # gathered on every rank (collective); rank 0 writes the whole
+            saved_model, saved_opt = sharding.GatheredModel(model), sharding.GatheredOptimizer(model, optimizer)
         if d.is_main:
             st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
-            ckpt_lib.save_checkpoint(out, at_step, {"model": model}, {"model": optimizer}, st,
+            ckpt_lib.save_checkpoint(out, at_step, {"model": saved_model}, {"model": saved_opt}, st,
                                      tokenizer=tokenizer, save_total_limit=cfg.save_total_limit)
         dist_lib.barrier(d)
 
@@ -132,9 +145,12 @@ def run_supervised(
             if dist_lib.all_reduce_sum(torch.tensor(float(not finite)), d) > 0:  # every rank stops together
                 raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")
-            dist_lib.sum_gradients(model.parameters(), d)
+            if mode == "none":
+                dist_lib.sum_gradients(model.parameters(), d)  # (FSDP has already summed and scattered them)
             params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.max_grad_norm is not None:
+            if mode != "none":
+                gn = sharding.clip_grad_norm(params, cfg.max_grad_norm)
+            elif cfg.max_grad_norm is not None:
                 gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             else:
                 gn = grad_norm(params)
@@ -164,7 +180,8 @@ def run_supervised(
     finally:
         bar.close()
         metrics.close()
+    final_model = sharding.GatheredModel(model) if mode != "none" else model
     if d.is_main:
-        save_model(model, out)
+        save_model(final_model, out)
     dist_lib.barrier(d)
     return metrics.rows

@@ -234,6 +234,10 @@ class ScalarHeadModel(nn.Module):
         weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
         return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)
 
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The causal LM head (``lm_head_for_training``, the RM stage's LM term) on hidden states."""
+        return self.lm_head_for_training(hidden)
+
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
@@ -283,15 +287,24 @@ class ScalarHeadModel(nn.Module):
         model.metadata = dict(info.get("metadata", {}))
         return model
 
-    def save_pretrained(self, output_dir: str | os.PathLike, tokenizer: Any | None = None) -> None:
-        """Backbone (safetensors) + ``value_head.safetensors`` + marker json (+ tokenizer)."""
+    def save_pretrained(self, output_dir: str | os.PathLike, tokenizer: Any | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Backbone (safetensors) + ``value_head.safetensors`` + marker json (+ tokenizer).
+
+        ``state_dict``: this model's full state dict to write instead of its parameters (a sharded
+        model's, gathered on rank 0: sharding.GatheredModel)."""
         from safetensors.torch import save_file
 
         quiet_transformers()
         output_dir = os.fspath(output_dir)
         os.makedirs(output_dir, exist_ok=True)
-        self.backbone.save_pretrained(output_dir)
-        head = {k: v.detach().float().cpu().contiguous() for k, v in self.v_head.state_dict().items()}
+        if state_dict is None:
+            self.backbone.save_pretrained(output_dir)
+            head_state = self.v_head.state_dict()
+        else:
+            self.backbone.save_pretrained(output_dir, state_dict=_sub_state(state_dict, "backbone."))
+            head_state = _sub_state(state_dict, "v_head.")
+        head = {k: v.detach().float().cpu().contiguous() for k, v in head_state.items()}
         save_file(head, os.path.join(output_dir, HEAD_WEIGHTS))
         info = {
             "format": HEAD_FORMAT,
@@ -381,6 +394,10 @@ def build_tiny_model(
     return os.fspath(output_dir)
 
 
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     """Load safetensors weights saved by ``save_pretrained`` into an existing model, in place.
 
@@ -405,6 +422,19 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
+    from ppomax import sharding
+
+    if sharding.is_sharded(model):  # scatter the full weights into this rank's shards
+        head = load_file(os.path.join(directory, HEAD_WEIGHTS)) if isinstance(model, ScalarHeadModel) else {}
+        full = ({**{f"backbone.{k}": v for k, v in state.items()}, **{f"v_head.{k}": v.float() for k, v in head.items()}}
+                if isinstance(model, ScalarHeadModel) else state)
+        missing, unexpected = sharding.load_full_state_dict(model, full)
+        missing = [k for k in missing if not k.startswith("lm_head_for_training.")]  # the RM's tied LM term
+        tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(target.config, "tie_word_embeddings", False)}
+        if unexpected or set(missing) - tied:
+            raise ModelFormatError(f"{directory}: weights do not match the model (missing "
+                                   f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        return
     try:
         missing, unexpected = target.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch: a checkpoint of a different model size

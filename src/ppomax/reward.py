@@ -39,7 +39,9 @@ def make_rm_loss(rm_lm_coef: float, lm_head=None):
         if rm_lm_coef > 0:
             B = rc.shape[0]
             # LM term on the chosen responses only (the first B rows)
-            lm = F.masked_mean(*F.next_token_nll(lm_head(hidden[:B]), batch["labels"][:B]))
+            # through the model's own method when it has the head: a sharded model gathers it there
+            logits = model.lm_logits(hidden[:B]) if hasattr(model, "lm_head_for_training") else lm_head(hidden[:B])
+            lm = F.masked_mean(*F.next_token_nll(logits, batch["labels"][:B]))
             loss = loss + rm_lm_coef * lm
             stats["lm_loss"] = lm.item()
         stats["loss"] = loss.item()

@@ -123,6 +123,69 @@ def _preallocated_kv_cache(model, max_len: int):
     return cache
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.compile (issue #5): opt-in through PPOConfig.torch_compile
+# ---------------------------------------------------------------------------------------------
+
+
+def maybe_compile(fn, enabled: bool):
+    """``fn`` itself, or ``torch.compile(fn)`` (torch.compile, issue #5). Compilation is lazy (on the
+    first call) and per input signature: a model, train/eval mode, grad mode, autocast and the input
+    shapes; a second set of shapes recompiles once with dynamic sizes (dynamo's automatic dynamic
+    shapes), so batches whose prompt / response lengths vary cost two compiles, not one per length."""
+    return torch.compile(fn) if enabled else fn
+
+
+def _static_kv_cache(model, max_len: int):
+    """transformers' ``StaticCache`` for ``max_len`` positions, or None when this transformers or this
+    model cannot use one (the caller then decodes eagerly with the preallocated dynamic cache).
+
+    A static cache keeps every decode step's shapes fixed (keys and values always ``max_len`` long,
+    the not yet written positions masked out by the causal mask), which is what a compiled decode
+    step needs: one graph for the whole response instead of one per context length.
+    """
+    try:
+        from transformers.cache_utils import StaticCache, StaticLayer
+
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+    except Exception:  # older/newer transformers, or a config the cache cannot read
+        return None
+    if not cache.layers or any(type(layer) is not StaticLayer for layer in cache.layers):
+        return None  # sliding-window / hybrid caches: not worth the risk
+    layer_cls = _casting_static_layer(StaticLayer)
+    cache.layers = [layer_cls(max_cache_len=max_len) for _ in cache.layers]
+    return cache
+
+
+@functools.cache  # one class: the compiled step guards on the cache layers' type
+def _casting_static_layer(static_layer: type) -> type:
+    class _CastingStaticLayer(static_layer):
+        # StaticLayer allocates keys and values in the keys' dtype; under autocast the keys come out of
+        # RoPE in fp32 and the values in bf16 (and a compiled step may differ from the eager prefill):
+        # store everything in the cache's dtype, as the eager path's copy_ does.
+        def update(self, key_states, value_states, *args, **kwargs):
+            dtype = self.keys.dtype if self.is_initialized else key_states.dtype
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+
+    return _CastingStaticLayer
+
+
+def _decode_step(model, tok, attn, pos, past):
+    """One decode step: next-token logits (B, V) for tokens (B, 1) at positions ``pos`` (B, 1)."""
+    return model(input_ids=tok, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True).logits[:, -1, :]
+
+
+_compiled_decode_step = None
+
+
+def _get_compiled_decode_step():
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step)
+    return _compiled_decode_step
+
+
+@torch.compiler.assume_constant_result  # compiled callers (issue #5) read it once, at trace time
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (LM head on the last N positions only)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers pass kwargs on
@@ -150,6 +213,7 @@ def generate(
     top_p: float = 1.0,
     stop_at_eos: bool = True,
     return_logprobs: bool = False,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """KV-cache sampling loop over a left-padded prompt batch.
 
@@ -162,6 +226,12 @@ def generate(
     Per-token work is kept to the model call and the sampling: the attention mask and the KV
     cache are preallocated (no per-step ``torch.cat``), the prefill computes logits for the last
     position only, and without ``stop_at_eos`` there is no per-step finished bookkeeping.
+
+    ``compile=True`` (torch.compile, issue #5) runs the decode steps through ``torch.compile`` with
+    transformers' static KV cache (fixed shapes: one graph per prompt + response length, then one
+    dynamic graph); the prefill and the sampling stay eager, so the random stream and the sampled
+    tokens are those of the eager path up to float rounding of the logits (~1e-6 in fp32). Models
+    whose cache cannot be static (sliding window, hybrid, ...) decode eagerly.
     """
     B, P = prompt_ids.shape
     device = prompt_ids.device
@@ -169,7 +239,11 @@ def generate(
     attn = torch.cat([prompt_mask, prompt_mask.new_ones((B, max_new_tokens))], dim=1)
     pos = position_ids_from_mask(prompt_mask)
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    past = _preallocated_kv_cache(model, P + max_new_tokens)
+    past = _static_kv_cache(model, P + max_new_tokens) if compile else None
+    # static cache: every step sees the full mask (the unwritten positions are causally masked)
+    static_step = _get_compiled_decode_step() if past is not None else None
+    if past is None:
+        past = _preallocated_kv_cache(model, P + max_new_tokens)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, past_key_values=past,
                 use_cache=True, **extra)
     past = out.past_key_values
@@ -200,6 +274,9 @@ def generate(
         if t == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
+        if static_step is not None:
+            next_logits = static_step(model, tok[:, None], attn, last_pos, past)
+            continue
         out = model(input_ids=tok[:, None], attention_mask=attn[:, : P + t + 1], position_ids=last_pos,
                     past_key_values=past, use_cache=True)
         past = out.past_key_values

@@ -24,12 +24,14 @@ import torch
 from ppomax import checkpoint as ckpt_lib
 from ppomax import distributed as dist_lib
 from ppomax import functional as F
+from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.errors import UserError
 from ppomax.ppo.monitors import CollapseGuard, experience_metrics
 from ppomax.ppo.rollout import (
     Experience,
     generate,
+    maybe_compile,
     response_logprobs,
     response_values,
     reward_model_scores,
@@ -141,6 +143,10 @@ class PPOTrainer:
         if cfg.rollout_batch_size % W or cfg.mini_batch_size % W:
             raise ConfigError(f"with {W} processes, rollout_batch_size = {cfg.rollout_batch_size} and the mini-batch "
                               f"size {cfg.mini_batch_size} must be divisible by {W} (they are global sizes)")
+        self.sharding = sharding.resolve_mode(cfg.sharding, W)
+        if self.sharding != "none" and (cfg.use_peft or cfg.critic_use_peft):
+            raise ConfigError("sharding with LoRA is not supported yet: use LoRA (it already keeps one frozen "
+                              "copy) or full fine-tuning with --sharding")
         self.device = default_device()
         set_seed(cfg.seed)  # the same on every rank: fresh heads and LoRA matrices start identical
 
@@ -200,15 +206,25 @@ class PPOTrainer:
         if cfg.critic_use_peft:
             critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.critic = critic
-        for m in (self.policy, self.ref_policy, self.reward_model, self.critic):
-            if m is not None:
-                m.to(self.device)
+        roles = ((self.policy, True), (self.critic, True), (self.ref_policy, False), (self.reward_model, False))
+        for m, trainable in roles:
+            if m is not None and not sharding.shards(self.sharding, trainable):
+                m.to(self.device)  # a model to be sharded moves in fully_shard, one block at a time
         for frozen in (self.ref_policy, self.reward_model):
             if frozen is not None:
                 frozen.eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             self.critic.gradient_checkpointing_enable()
+        if self.dist.enabled:  # data parallel: identical trained models on every rank (fresh heads, LoRA)
+            for m in (self.policy, self.critic):
+                if self.sharding == "none":
+                    dist_lib.broadcast_parameters(m, self.dist)
+                else:  # still on the host: the same seed built them; check instead of broadcasting
+                    dist_lib.check_identical(m, self.dist, type(m).__name__)
+        for m, trainable in roles:  # FSDP2 (sharding.py): before the optimizers, which hold the shards
+            if m is not None:
+                sharding.shard(m, self.sharding, trainable)
 
         # ---- optimisation state --------------------------------------------------------------
         betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -221,6 +237,9 @@ class PPOTrainer:
         self.score_moments = F.RunningMoments()
         self.kl_ctl = F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
+        # torch.compile (issue #5): the rollout and training forwards, compiled on first call if cfg.torch_compile
+        self._logprobs, self._values, self._rm_scores = (maybe_compile(f, cfg.torch_compile) for f in
+                                                         (response_logprobs, response_values, reward_model_scores))
         self.sampler = IndexSampler(len(self.prompt_ids), cfg.seed)
         self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1) if self.ptx_examples else None
         self.guard = CollapseGuard(cfg.collapse_kl, cfg.collapse_ppl_ratio, cfg.collapse_truncated, cfg.collapse_reward_tail)
@@ -229,9 +248,7 @@ class PPOTrainer:
         self._nonfinite: list[str] = []  # non-finite losses seen since the last optimizer step
         self.last_healthy: str | None = None
         self.out = Path(cfg.output_dir)
-        if self.dist.enabled:  # data parallel: identical models, distinct sampling per rank
-            dist_lib.broadcast_parameters(self.policy, self.dist)
-            dist_lib.broadcast_parameters(self.critic, self.dist)
+        if self.dist.enabled:  # distinct sampling per rank
             if self.ptx_examples:
                 self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1 + self.dist.rank)
             set_seed(cfg.seed + self.dist.rank)
@@ -357,10 +374,11 @@ class PPOTrainer:
         for s in range(0, len(idx), cfg.generation_batch_size):
             p_ids, p_mask = prompt_ids[s : s + cfg.generation_batch_size], prompt_mask[s : s + cfg.generation_batch_size]
             t = time.perf_counter()
-            with autocast(self.device, cfg.bf16, cfg.fp16):
+            with autocast(self.device, cfg.bf16, cfg.fp16), sharding.gathered(self.policy):
                 resp, mask, truncated, *gen_out = generate(
                     self.policy, p_ids, p_mask, cfg.response_length, self.eos_id, self.pad_id,
                     cfg.temperature, cfg.top_k, cfg.top_p, stop_at_eos=cfg.stop_at_eos, return_logprobs=gen_logp,
+                    compile=cfg.torch_compile,
                 )
             timings["time/generate"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -372,9 +390,9 @@ class PPOTrainer:
                 if gen_logp:
                     logp = gen_out[0]
                 else:
-                    logp = self._in_chunks(lambda *x: response_logprobs(self.policy, x, cfg.temperature), parts)
+                    logp = self._in_chunks(lambda *x: self._logprobs(self.policy, x, cfg.temperature), parts)
                 ref_logp = self._in_chunks(lambda *x: self._ref_logprobs(x), parts)
-                values = self._in_chunks(lambda *x: response_values(self.critic, *x), parts)
+                values = self._in_chunks(lambda *x: self._values(self.critic, *x), parts)
             timings["time/forward"] += time.perf_counter() - t
             chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
         exp = Experience(*_cat_padded(chunks, self.pad_id))
@@ -392,14 +410,14 @@ class PPOTrainer:
     def _ref_logprobs(self, parts) -> torch.Tensor:
         """log π_ref (B, T): the reference model, or with LoRA the policy with its adapters disabled."""
         if self.ref_policy is not None:
-            return response_logprobs(self.ref_policy, parts, self.cfg.temperature)
+            return self._logprobs(self.ref_policy, parts, self.cfg.temperature)
         with self.policy.disable_adapter():
-            return response_logprobs(self.policy, parts, self.cfg.temperature)
+            return self._logprobs(self.policy, parts, self.cfg.temperature)
 
     def _score(self, p_ids, p_mask, resp, mask) -> torch.Tensor:
         if self.reward_fn is None:
             with autocast(self.device, self.cfg.bf16, self.cfg.fp16):
-                return self._in_chunks(lambda *x: reward_model_scores(self.reward_model, *x),
+                return self._in_chunks(lambda *x: self._rm_scores(self.reward_model, *x),
                                        (p_ids, p_mask, resp, mask)).float()
         prompts, responses = self._decode(p_ids, p_mask, resp, mask)
         out = self.reward_fn(prompts, responses)
@@ -500,7 +518,7 @@ class PPOTrainer:
         stats = {}
         if train_policy:
             with autocast(self.device, cfg.bf16, cfg.fp16):
-                logp, entropy = response_logprobs(self.policy, parts, cfg.temperature, with_entropy=True,
+                logp, entropy = self._logprobs(self.policy, parts, cfg.temperature, with_entropy=True,
                                                   entropy_grad=cfg.entropy_coef > 0)
             # Sec. 5.3.2 "importance sampling fixed to the reference": ρ = π_θ / π_ref.
             old = mb.ref_logprobs if cfg.importance_sampling_ref else mb.logprobs
@@ -512,7 +530,7 @@ class PPOTrainer:
             stats.update({"policy/loss": pg_loss.item() / max(share.item(), 1e-9), "policy/clipfrac": pst.clipfrac.item(),
                           "policy/approx_kl": pst.approx_kl.item(), "policy/entropy": ent.item() / max(share.item(), 1e-9)})
         with autocast(self.device, cfg.bf16, cfg.fp16):
-            values = response_values(self.critic, *parts).float()
+            values = self._values(self.critic, *parts).float()
         v_loss, vst = F.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value, num_tokens=n_tok)
         self._backward(cfg.vf_coef * v_loss, "value loss")
         share = (mb.mask.sum() / n_tok).item()
@@ -562,6 +580,11 @@ class PPOTrainer:
             models.insert(0, ("policy", self.policy, self.policy_opt))
         norms = {}
         for name, model, _ in models:
+            if self.sharding != "none":  # FSDP has already summed and scattered the gradients
+                params = [p for p in model.parameters() if p.grad is not None]
+                norms[name] = sharding.clip_grad_norm(params, cfg.max_grad_norm)
+                stats[f"grad_norm/{name}"] = norms[name]
+                continue
             dist_lib.sum_gradients(model.parameters(), self.dist)
             params = [p for p in model.parameters() if p.grad is not None]
             if cfg.max_grad_norm is not None:
@@ -680,7 +703,7 @@ class PPOTrainer:
 
     def _signature(self) -> dict[str, Any]:
         pc = self.policy.config
-        return {"policy": [type(self.policy).__name__, pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
+        return {"policy": [sharding.class_name(self.policy), pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
                 "n_params": sum(p.numel() for p in self.policy.parameters())}
 
     def save(self) -> Path | None:
@@ -691,14 +714,19 @@ class PPOTrainer:
             logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
                            "on disk stays the newest good one)", self.iteration, " and ".join(bad))
             return None
+        models = {"policy": self.policy, "critic": self.critic}
+        opts = {"policy": self.policy_opt, "critic": self.critic_opt}
+        if self.sharding != "none":  # every rank takes part in gathering; rank 0 writes the whole
+            opts = {k: sharding.GatheredOptimizer(models[k], o) for k, o in opts.items()}
+            models = {k: sharding.GatheredModel(m) for k, m in models.items()}
+        rank_rng = dist_lib.gather_rng_states(self.dist)  # each rank's sampling stream, for exact resume
         if not self.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
             dist_lib.barrier(self.dist)
             return self.out / f"checkpoint-{self.iteration}"
         path = ckpt_lib.save_checkpoint(
-            self.out, self.iteration, {"policy": self.policy, "critic": self.critic},
-            {"policy": self.policy_opt, "critic": self.critic_opt}, self.state_dict(),
+            self.out, self.iteration, models, opts, self.state_dict(),
             tokenizer=self.tokenizer, save_total_limit=self.cfg.save_total_limit,
-            keep=(self.last_healthy,) if self.last_healthy else (),
+            keep=(self.last_healthy,) if self.last_healthy else (), rank_rng=rank_rng,
         )
         dist_lib.barrier(self.dist)
         return path
@@ -716,8 +744,8 @@ class PPOTrainer:
         """The trained models ('policy', 'critic') holding a NaN or inf parameter."""
         bad = []
         for name, model in (("policy", self.policy), ("critic", self.critic)):
-            flags = [torch.isfinite(p).all() for p in model.parameters()]
-            if flags and not bool(torch.stack(flags).all()):  # one device sync per model
+            ok = sharding.all_finite(model)  # one device sync per model (this rank's shards)
+            if not (self._all_ranks(ok) if self.sharding != "none" else ok):
                 bad.append(name)
         return bad
 
@@ -732,8 +760,8 @@ class PPOTrainer:
                                            f"({state.get('model_signature')} vs {self._signature()})")
         M.load_weights_into(self.policy, path / "policy")
         M.load_weights_into(self.critic, path / "critic")
-        ckpt_lib.load_optimizer(path, "policy", self.policy_opt)
-        ckpt_lib.load_optimizer(path, "critic", self.critic_opt)
+        ckpt_lib.load_optimizer(path, "policy", self.policy_opt, self.policy)
+        ckpt_lib.load_optimizer(path, "critic", self.critic_opt, self.critic)
         load_scheduler_state(self.policy_sched, state["policy_sched"])
         load_scheduler_state(self.critic_sched, state["critic_sched"])
         self.iteration = int(state["iteration"])
@@ -748,9 +776,8 @@ class PPOTrainer:
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
         self.last_healthy = state.get("last_healthy")
         if restore_rng:
-            ckpt_lib.restore_rng(path, state)
-            if self.dist.enabled:  # the checkpoint holds rank 0's RNG; derive a distinct stream per rank
-                set_seed(self.cfg.seed + self.dist.rank + 100003 * self.iteration)
+            if not ckpt_lib.restore_rng(path, state, self.dist.rank):  # no state of this rank stored:
+                set_seed(self.cfg.seed + self.dist.rank + 100003 * self.iteration)  # a distinct stream per rank
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
 
