@@ -86,9 +86,10 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, result: str)
            "peak_rss_mb": round(_status_mb("VmHWM")), "seconds": round(seconds, 1)}
     with open(f"{result}-{rank}.json", "w") as fh:
         json.dump(row, fh)
-    import torch.distributed as dist
+    del trainer, models
+    from ppomax.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 def main() -> None:

@@ -82,9 +82,9 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, exp_path
                       LOCAL_RANK=str(rank))
     res = _update_and_capture(model_dir, out, exp_path, rank, world, kw)
     torch.save(res, os.path.join(out, f"result-{rank}.pt"))
-    import torch.distributed as dist
+    from ppomax.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +240,9 @@ def _supervised_worker(rank: int, world: int, port: int, stage: str, model_dir: 
                       LOCAL_RANK=str(rank))
     rows = _supervised(stage, model_dir, out, accum=1, sharding=sharding)
     torch.save(rows, os.path.join(out, f"rows-{rank}.pt"))
-    import torch.distributed as dist
+    from ppomax.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("stage,sharding", [("sft", "none"), ("rm", "none"), ("sft", "zero3"), ("rm", "zero2"),
@@ -301,9 +301,10 @@ def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, 
     after = snapshot()
     if rank == 0:
         torch.save({"before": before, "changed": changed, "after": after}, os.path.join(out, "snap.pt"))
-    import torch.distributed as dist
+    trainer = None  # drop the sharded models before the process group goes
+    from ppomax.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_sharded_checkpoint_loads_back_into_the_shards(setup, tmp_path):
@@ -391,9 +392,9 @@ def _train_worker(rank: int, world: int, port: int, model_dir: str, out: str, kw
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     PPOTrainer(_config(model_dir, out, **kw), prompts=PROMPTS, reward_fn=n_words).train()
-    import torch.distributed as dist
+    from ppomax.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 @pytest.mark.parametrize("sharding", ["none", "zero3"])

@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(cls, ns)
         func(cfg)
+        from ppomax.distributed import shutdown
+
+        shutdown()  # a multi-process run leaves its process group cleanly
     except C.ConfigError as e:
         print(f"ppomax {ns.command}: config error: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,9 @@ def setup() -> Dist:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
+        import atexit
+
+        atexit.register(shutdown)  # before interpreter teardown, whatever the exit path
     d = Dist(dist.get_rank(), dist.get_world_size())
     logger.info("process group: rank %d of %d (%s)", d.rank, d.world_size, dist.get_backend())
     return d
@@ -91,6 +94,19 @@ def cpu_launch_processes(parent_args: list[str] | None = None) -> int | None:
         elif a.startswith(("--num_processes=", "--num-processes=")):
             n = a.split("=", 1)[1]
     return int(n) if n is not None and n.isdigit() and int(n) > 1 else None
+
+
+def shutdown() -> None:
+    """Destroy the process group while the interpreter is fully alive. Left to interpreter
+    teardown, gloo's worker threads (still referenced by FSDP's device mesh) can abort the
+    process ("terminate called without an active exception"). Safe to call more than once."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # drop models, meshes and pending work that reference the group first
+        dist.destroy_process_group()
 
 
 def _dist():

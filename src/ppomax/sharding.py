@@ -100,6 +100,11 @@ def shard(model: nn.Module, mode: str, trainable: bool) -> nn.Module:
         logger.warning("%s: no transformer block classes found (_no_split_modules); sharding it as one unit",
                        type(model).__name__)
     reshard = mode == "zero3"
+    import warnings
+
+    # ScalarHeadModel returns its (B, T) scores as a view (squeeze); FSDP2 warns that an in-place op
+    # on it would skip a hook. ppomax only slices, indexes and multiplies them out of place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)

@@ -27,6 +27,7 @@ from ppomax import functional as F
 from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.errors import UserError
+from ppomax.ppo import setup
 from ppomax.ppo.monitors import CollapseGuard, experience_metrics
 from ppomax.ppo.rollout import (
     Experience,
@@ -36,6 +37,7 @@ from ppomax.ppo.rollout import (
     response_values,
     reward_model_scores,
 )
+from ppomax.ppo.setup import IndexSampler
 from ppomax.training import (
     MetricsLogger,
     RankMetrics,
@@ -70,36 +72,6 @@ class CollapseStop(UserError):
     """The collapse guard (mode 'stop') ended the run; the last checkpoint holds the state."""
 
 
-class IndexSampler:
-    """Epoch-wise shuffled indices with a resumable position (seeded, independent of global RNG)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-        self._perm = self._make_perm()
-
-    def _make_perm(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._perm = self._make_perm()
-            take = min(k - len(out), self.n - self.pos)
-            out += self._perm[self.pos : self.pos + take]
-            self.pos += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
-        self._perm = self._make_perm()
-
-
 class PPOTrainer:
     """PPO-max trainer.
 
@@ -127,7 +99,6 @@ class PPOTrainer:
         gold_fn: GoldFn | None = None,
         ptx_rows: Sequence[dict] | None = None,
     ) -> None:
-        from ppomax import data as D
         from ppomax import models as M
 
         self.cfg = cfg = config
@@ -154,77 +125,16 @@ class PPOTrainer:
         if tokenizer is None:
             tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = tokenizer
-        source = prompts if prompts is not None else cfg.dataset
-        if source is None:
-            raise ConfigError("PPOConfig.dataset is required (flag --dataset), or pass prompts=")
-        rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows)
-        self.prompt_ids, n_trunc, n_drop = [], 0, 0
-        for row in rows:
-            ids = D.encode_prompt(tokenizer, row["prompt"])
-            fitted = D.fit_prompt(ids, cfg.max_prompt_length, cfg.truncation_mode)
-            if fitted is None:
-                n_drop += 1
-                continue
-            n_trunc += len(fitted) < len(ids)
-            self.prompt_ids.append(fitted)
-        if not self.prompt_ids:
-            raise UserError("no prompts left after length filtering (max_prompt_length / truncation_mode)")
-        logger.info("prompts: %d used, %d bad rows skipped, %d left-truncated, %d dropped as too long",
-                    len(self.prompt_ids), n_bad, n_trunc, n_drop)
-        self.ptx_examples = None
-        if cfg.ptx_coef > 0 and (ptx_rows is not None or cfg.ptx_dataset is not None):
-            ptx_src = ptx_rows if ptx_rows is not None else cfg.ptx_dataset
-            ptx, _ = D.load_rows(ptx_src, "sft", skip_bad_rows=cfg.skip_bad_rows)
-            self.ptx_examples, _ = D.tokenize_sft(ptx, tokenizer, cfg.max_length_ptx, cfg.max_prompt_length, cfg.truncation_mode)
-        elif cfg.ptx_coef > 0:
-            logger.warning("ptx_coef = %s but no ptx_dataset: PPO-ptx is off", cfg.ptx_coef)
+        self.prompt_ids = setup.load_prompt_ids(cfg, tokenizer, prompts)
+        self.ptx_examples = setup.load_ptx_examples(cfg, tokenizer, ptx_rows)
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
 
-        # ---- models --------------------------------------------------------------------------
-        rc = cfg.trust_remote_code
-        self.policy = policy if policy is not None else M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
-        if cfg.use_peft:
-            self.policy = M.apply_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-        if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
-            ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
-        # None with LoRA: π_ref is the policy with its adapters disabled (no second copy in memory).
-        self.ref_policy = ref_policy
-        if reward_model is None and reward_fn is None:
-            reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
-        self.reward_model = reward_model
-        if critic is None:
-            if cfg.critic_model_path:
-                critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, trust_remote_code=rc)
-            elif cfg.critic_init == "reward_model":
-                if cfg.reward_model_path is None:
-                    raise ConfigError("critic_init='reward_model' needs --reward_model_path or --critic_model_path; "
-                                      "with a reward_fn use critic_init='sft'")
-                critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
-            else:
-                critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
-        if cfg.critic_use_peft:
-            critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-        self.critic = critic
-        roles = ((self.policy, True), (self.critic, True), (self.ref_policy, False), (self.reward_model, False))
-        for m, trainable in roles:
-            if m is not None and not sharding.shards(self.sharding, trainable):
-                m.to(self.device)  # a model to be sharded moves in fully_shard, one block at a time
-        for frozen in (self.ref_policy, self.reward_model):
-            if frozen is not None:
-                frozen.eval().requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-            self.critic.gradient_checkpointing_enable()
-        if self.dist.enabled:  # data parallel: identical trained models on every rank (fresh heads, LoRA)
-            for m in (self.policy, self.critic):
-                if self.sharding == "none":
-                    dist_lib.broadcast_parameters(m, self.dist)
-                else:  # still on the host: the same seed built them; check instead of broadcasting
-                    dist_lib.check_identical(m, self.dist, type(m).__name__)
-        for m, trainable in roles:  # FSDP2 (sharding.py): before the optimizers, which hold the shards
-            if m is not None:
-                sharding.shard(m, self.sharding, trainable)
+        # ---- models: loaded (LoRA applied), placed on the device or sharded --------------------
+        self.policy, self.ref_policy, self.reward_model, self.critic = setup.load_models(
+            cfg, policy, ref_policy, reward_model, critic, with_reward_model=reward_fn is None)
+        setup.place_models(cfg, self.policy, self.critic, self.ref_policy, self.reward_model, self.dist,
+                           self.sharding, self.device)
 
         # ---- optimisation state --------------------------------------------------------------
         betas = (cfg.adam_beta1, cfg.adam_beta2)

@@ -1,0 +1,144 @@
+"""PPOTrainer's set-up, in the order it runs: prompts and PPO-ptx rows (bad rows fail before any
+model is loaded), then the four models (policy π_θ, reference π_ref, reward model r, critic V_φ),
+then their placement: device, frozen models, gradient checkpointing, identical start on every
+rank, FSDP2 sharding (sharding.py). Also the resumable prompt sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ppomax import distributed as dist_lib
+from ppomax import sharding
+from ppomax.config import ConfigError, PPOConfig
+from ppomax.errors import UserError
+
+logger = logging.getLogger("ppomax")
+
+
+class IndexSampler:
+    """Epoch-wise shuffled indices with a resumable position (seeded, independent of global RNG)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make_perm()
+            take = min(k - len(out), self.n - self.pos)
+            out += self._perm[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self._perm = self._make_perm()
+
+
+def load_prompt_ids(cfg: PPOConfig, tokenizer, prompts: Sequence[str] | Sequence[dict] | None) -> list[list[int]]:
+    """Token ids of every usable prompt (``prompts=`` or ``cfg.dataset``), fitted to max_prompt_length."""
+    from ppomax import data as D
+
+    source = prompts if prompts is not None else cfg.dataset
+    if source is None:
+        raise ConfigError("PPOConfig.dataset is required (flag --dataset), or pass prompts=")
+    rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows)
+    prompt_ids, n_trunc, n_drop = [], 0, 0
+    for row in rows:
+        ids = D.encode_prompt(tokenizer, row["prompt"])
+        fitted = D.fit_prompt(ids, cfg.max_prompt_length, cfg.truncation_mode)
+        if fitted is None:
+            n_drop += 1
+            continue
+        n_trunc += len(fitted) < len(ids)
+        prompt_ids.append(fitted)
+    if not prompt_ids:
+        raise UserError("no prompts left after length filtering (max_prompt_length / truncation_mode)")
+    logger.info("prompts: %d used, %d bad rows skipped, %d left-truncated, %d dropped as too long",
+                len(prompt_ids), n_bad, n_trunc, n_drop)
+    return prompt_ids
+
+
+def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None) -> list | None:
+    """Tokenized PPO-ptx rows (Eq. 17), or None when PPO-ptx is off."""
+    from ppomax import data as D
+
+    if cfg.ptx_coef > 0 and (ptx_rows is not None or cfg.ptx_dataset is not None):
+        ptx, _ = D.load_rows(ptx_rows if ptx_rows is not None else cfg.ptx_dataset, "sft",
+                             skip_bad_rows=cfg.skip_bad_rows)
+        return D.tokenize_sft(ptx, tokenizer, cfg.max_length_ptx, cfg.max_prompt_length, cfg.truncation_mode)[0]
+    if cfg.ptx_coef > 0:
+        logger.warning("ptx_coef = %s but no ptx_dataset: PPO-ptx is off", cfg.ptx_coef)
+    return None
+
+
+def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None, critic=None,
+                with_reward_model: bool = True) -> tuple:
+    """(policy, ref_policy, reward_model, critic): the given ones, the others loaded from cfg's paths.
+
+    With LoRA and no ref_model_path, ref_policy is None: π_ref is the policy with its adapters
+    disabled (no second copy in memory). reward_model is None when a reward_fn scores instead.
+    """
+    from ppomax import models as M
+
+    rc = cfg.trust_remote_code
+    policy = policy if policy is not None else M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+    if cfg.use_peft:
+        policy = M.apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
+        ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
+    if reward_model is None and with_reward_model:
+        reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+    if critic is None:
+        if cfg.critic_model_path:
+            critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, trust_remote_code=rc)
+        elif cfg.critic_init == "reward_model":  # Sec. 5.3.3: the critic starts as the reward model
+            if cfg.reward_model_path is None:
+                raise ConfigError("critic_init='reward_model' needs --reward_model_path or --critic_model_path; "
+                                  "with a reward_fn use critic_init='sft'")
+            critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+        else:
+            critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+    if cfg.critic_use_peft:
+        critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return policy, ref_policy, reward_model, critic
+
+
+def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist: dist_lib.Dist, mode: str,
+                 device: torch.device) -> None:
+    """Device, frozen models, gradient checkpointing, the same start on every rank, sharding.
+
+    Must run before the optimizers are built: under sharding they hold the shards."""
+    roles = ((policy, True), (critic, True), (ref_policy, False), (reward_model, False))
+    for m, trainable in roles:
+        if m is not None and not sharding.shards(mode, trainable):
+            m.to(device)  # a model to be sharded moves in fully_shard, one block at a time
+    for frozen in (ref_policy, reward_model):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        critic.gradient_checkpointing_enable()
+    if dist.enabled:  # data parallel: identical trained models on every rank (fresh heads, LoRA)
+        for m in (policy, critic):
+            if mode == "none":
+                dist_lib.broadcast_parameters(m, dist)
+            else:  # still on the host: the same seed built them; check instead of broadcasting
+                dist_lib.check_identical(m, dist, type(m).__name__)
+    for m, trainable in roles:  # FSDP2 (sharding.py)
+        if m is not None:
+            sharding.shard(m, mode, trainable)
