@@ -107,7 +107,9 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kw", [{}, {"use_peft": True, "critic_use_peft": True}, {"sharding": "zero2"},
-                                {"sharding": "zero3"}], ids=["full", "lora", "zero2", "zero3"])
+                                {"sharding": "zero3"}, {"use_peft": True, "critic_use_peft": True, "sharding": "zero3"},
+                                {"sharding": "zero3", "gradient_checkpointing": True}],
+                         ids=["full", "lora", "zero2", "zero3", "lora-zero3", "zero3-checkpointing"])
 def test_two_processes_equal_one_process(setup, tmp_path, kw):
     if kw and not __import__("importlib").util.find_spec("peft"):
         pytest.skip("LoRA needs the optional extra peft")
@@ -272,7 +274,7 @@ def test_two_process_sft_and_rm_equal_one_process(setup, tmp_path, stage, shardi
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, out: str, kw: dict) -> None:
     """One sharded (ZeRO-3) iteration with a checkpoint; perturb weights and optimizer state; load the
     checkpoint back into the shards; report whether everything came back."""
     from ppomax import sharding
@@ -281,19 +283,21 @@ def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = PPOTrainer(_config(model_dir, out, sharding="zero3", save_steps=1), prompts=PROMPTS, reward_fn=n_words)
+    trainer = PPOTrainer(_config(model_dir, out, sharding="zero3", save_steps=1, **kw), prompts=PROMPTS,
+                         reward_fn=n_words)
     assert trainer.sharding == "zero3" and sharding.is_sharded(trainer.policy)
     trainer.train()
 
     def snapshot():
-        params = {n: _full(p).detach().clone() for n, p in trainer.critic.named_parameters()}
+        params = {n: _full(p).detach().clone() for n, p in trainer.critic.named_parameters() if p.requires_grad}
         opt = sharding.optimizer_state(trainer.critic, trainer.critic_opt).get("state", {})  # whole on rank 0
         return params, {k: {s: v.clone() for s, v in st.items()} for k, st in opt.items()}
 
     before = snapshot()
     with torch.no_grad():
         for p in trainer.critic.parameters():
-            sharding.local(p).add_(1.0)
+            if p.requires_grad:  # with LoRA: the adapters and the value head (the base stays frozen)
+                sharding.local(p).add_(1.0)
         for st in trainer.critic_opt.state.values():
             sharding.local(st["exp_avg"]).add_(1.0)
     changed = snapshot()
@@ -307,11 +311,12 @@ def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, 
     shutdown()
 
 
-def test_sharded_checkpoint_loads_back_into_the_shards(setup, tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"use_peft": True, "critic_use_peft": True}], ids=["full", "lora"])
+def test_sharded_checkpoint_loads_back_into_the_shards(setup, tmp_path, kw):
     root, model_dir = setup
     out = tmp_path / "run"
-    mp.start_processes(_sharded_save_load_worker, args=(2, _free_port(), model_dir, str(out)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_sharded_save_load_worker, args=(2, _free_port(), model_dir, str(out), kw), nprocs=2,
+                       join=True, start_method="spawn")
     snap = torch.load(out / "snap.pt", weights_only=False)
     for what in (0, 1):  # parameters, optimizer state
         b, c, a = snap["before"][what], snap["changed"][what], snap["after"][what]

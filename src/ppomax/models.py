@@ -408,6 +408,11 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
 
     directory = os.fspath(directory)
     target = model.backbone if isinstance(model, ScalarHeadModel) else model
+    from ppomax import sharding
+
+    if is_peft_model(target) and sharding.is_sharded(model):  # LoRA, sharded: scatter the adapters
+        _load_sharded_adapter_weights(model, target, directory)
+        return
     if is_peft_model(target):  # LoRA: the checkpoint holds only the adapters
         _load_adapter_weights(target, directory)
         if isinstance(model, ScalarHeadModel):
@@ -422,8 +427,6 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
-    from ppomax import sharding
-
     if sharding.is_sharded(model):  # scatter the full weights into this rank's shards
         head = load_file(os.path.join(directory, HEAD_WEIGHTS)) if isinstance(model, ScalarHeadModel) else {}
         full = ({**{f"backbone.{k}": v for k, v in state.items()}, **{f"v_head.{k}": v.float() for k, v in head.items()}}
@@ -517,6 +520,36 @@ def _load_adapter_weights(peft_model: Any, directory: str) -> None:
     if unexpected or missing or not state:
         raise ModelFormatError(f"{directory}: adapter weights do not match the model "
                                f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _load_sharded_adapter_weights(model: nn.Module, peft_model: Any, directory: str) -> None:
+    """``adapter_model.safetensors`` into a sharded model: saved names lack the adapter name
+    (``…q_proj.lora_A.weight`` for the model's ``…q_proj.lora_A.default.weight``)."""
+    from safetensors.torch import load_file
+
+    from ppomax import sharding
+
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise ModelFormatError(f"{directory}: no LoRA adapter weights ({ADAPTER_WEIGHTS}); was it saved without --use_peft?")
+    saved = load_file(path)
+    adapter = peft_model.active_adapter
+    prefix = "backbone." if isinstance(model, ScalarHeadModel) else ""
+    full, missing = {}, []
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) or not p.requires_grad:
+            continue
+        key = name[len(prefix):].replace(f".{adapter}.", ".")
+        if key in saved:
+            full[name] = saved.pop(key)
+        else:
+            missing.append(name)
+    if isinstance(model, ScalarHeadModel):
+        full.update({f"v_head.{k}": v.float() for k, v in load_file(os.path.join(directory, HEAD_WEIGHTS)).items()})
+    if missing or saved or not full:
+        raise ModelFormatError(f"{directory}: adapter weights do not match the model "
+                               f"(missing {missing[:5]}, unexpected {sorted(saved)[:5]})")
+    sharding.load_full_state_dict(model, full)
 
 
 def _adapter_base(adapter_dir: str, base_dir: str | os.PathLike | None) -> str:

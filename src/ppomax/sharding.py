@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -100,8 +101,6 @@ def shard(model: nn.Module, mode: str, trainable: bool) -> nn.Module:
         logger.warning("%s: no transformer block classes found (_no_split_modules); sharding it as one unit",
                        type(model).__name__)
     reshard = mode == "zero3"
-    import warnings
-
     # ScalarHeadModel returns its (B, T) scores as a view (squeeze); FSDP2 warns that an in-place op
     # on it would skip a hook. ppomax only slices, indexes and multiplies them out of place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")

@@ -115,9 +115,6 @@ class PPOTrainer:
             raise ConfigError(f"with {W} processes, rollout_batch_size = {cfg.rollout_batch_size} and the mini-batch "
                               f"size {cfg.mini_batch_size} must be divisible by {W} (they are global sizes)")
         self.sharding = sharding.resolve_mode(cfg.sharding, W)
-        if self.sharding != "none" and (cfg.use_peft or cfg.critic_use_peft):
-            raise ConfigError("sharding with LoRA is not supported yet: use LoRA (it already keeps one frozen "
-                              "copy) or full fine-tuning with --sharding")
         self.device = default_device()
         set_seed(cfg.seed)  # the same on every rank: fresh heads and LoRA matrices start identical
 
