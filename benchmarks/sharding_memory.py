@@ -8,8 +8,8 @@ PPOTrainer with a reward model and a critic from one scalar-head checkpoint, run
 (1 critic pre-training + 1 PPO) and report, per rank:
 - the bytes of model state this rank holds at rest: its parameters (shards under FSDP) of the
   four models plus the AdamW states of policy and critic;
-- VmRSS after the iterations and the peak (VmHWM). Every rank loads the whole models before
-  sharding them, so the peak includes one full fp32 copy of each model (see docs/real_models.md).
+- VmRSS after the iterations and the peak (VmHWM); the peak includes the transient gathered
+  blocks, and rank 0's full fp32 copy of each model at start-up (see docs/real_models.md).
 Results are in docs/real_models.md §3.
 """
 

@@ -11,6 +11,8 @@ plus ``value_head.safetensors`` and a marker ``ppomax_scalar_head.json``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -101,10 +103,31 @@ def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
     return dtype
 
 
+_SKELETON = contextvars.ContextVar("ppomax_skeleton", default=False)
+
+
+@contextlib.contextmanager
+def skeleton_loading(enabled: bool = True):
+    """Inside, models loaded from a path are built on the meta device from their config, without
+    reading the weights: a sharded run's ranks > 0 receive their shards from rank 0 instead
+    (sharding.fill_from_rank0), so only one process per node holds a full copy in host RAM."""
+    token = _SKELETON.set(enabled)
+    try:
+        yield
+    finally:
+        _SKELETON.reset(token)
+
+
 def _auto_load(auto_cls: Any, path: str | os.PathLike, dtype: Any, trust_remote_code: bool) -> Any:
     """``auto_cls.from_pretrained`` on a local directory, errors naming the path."""
     quiet_transformers()
     local = _resolve(path, "config.json", "model")
+    if _SKELETON.get():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(local, local_files_only=True, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return auto_cls.from_config(config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     try:
         # use_safetensors: a directory holding only pickle weights (pytorch_model.bin) is refused,
         # never unpickled (docs/reliability.md); trust_remote_code stays False unless asked for.

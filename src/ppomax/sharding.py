@@ -120,6 +120,29 @@ def shard(model: nn.Module, mode: str, trainable: bool) -> nn.Module:
     return model
 
 
+def is_skeleton(model: nn.Module | None) -> bool:
+    """True when the model was built on the meta device (models.skeleton_loading)."""
+    return model is not None and any(p.is_meta for p in model.parameters())
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After :func:`shard`: every rank's shards (and buffers) from rank 0's full copy. Collective.
+
+    ``full_state`` is rank 0's ``state_dict()`` taken before sharding (None on the other ranks,
+    whose model is a meta-device skeleton). Buffers that are not in a state dict (RoPE's
+    ``inv_freq``) are broadcast as well."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if full_state is None:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state or {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    for _, buf in model.named_buffers():
+        if not hasattr(buf, "to_local"):
+            dist.broadcast(buf, src=0)
+
+
 def _release_host_memory() -> None:
     """Hand the freed full-size host copies back to the OS (glibc keeps freed pages otherwise, so
     the process would look as large as before sharding)."""

@@ -87,22 +87,38 @@ def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None
 
 
 def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None, critic=None,
-                with_reward_model: bool = True) -> tuple:
+                with_reward_model: bool = True, skeleton_trained: bool = False, skeleton_frozen: bool = False) -> tuple:
     """(policy, ref_policy, reward_model, critic): the given ones, the others loaded from cfg's paths.
 
     With LoRA and no ref_model_path, ref_policy is None: π_ref is the policy with its adapters
     disabled (no second copy in memory). reward_model is None when a reward_fn scores instead.
+    ``skeleton_trained`` / ``skeleton_frozen``: build those models on the meta device (a sharded
+    run's ranks > 0, filled from rank 0 by place_models).
     """
     from ppomax import models as M
 
     rc = cfg.trust_remote_code
-    policy = policy if policy is not None else M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+    with M.skeleton_loading(skeleton_trained):
+        if policy is None:
+            policy = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
     if cfg.use_peft:
         policy = M.apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
-        ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
-    if reward_model is None and with_reward_model:
-        reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+    with M.skeleton_loading(skeleton_frozen):
+        if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
+            ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
+        if reward_model is None and with_reward_model:
+            reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+    with M.skeleton_loading(skeleton_trained):
+        critic = _load_critic(cfg, critic)
+    if cfg.critic_use_peft:
+        critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return policy, ref_policy, reward_model, critic
+
+
+def _load_critic(cfg: PPOConfig, critic):
+    from ppomax import models as M
+
+    rc = cfg.trust_remote_code
     if critic is None:
         if cfg.critic_model_path:
             critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, trust_remote_code=rc)
@@ -113,9 +129,7 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
             critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
         else:
             critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
-    if cfg.critic_use_peft:
-        critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    return policy, ref_policy, reward_model, critic
+    return critic
 
 
 def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist: dist_lib.Dist, mode: str,
@@ -126,6 +140,8 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
     roles = ((policy, True), (critic, True), (ref_policy, False), (reward_model, False))
     for m, trainable in roles:
         if m is not None and not sharding.shards(mode, trainable):
+            if sharding.is_skeleton(m):
+                raise UserError(f"{type(m).__name__} was built without weights but is not sharded")
             m.to(device)  # a model to be sharded moves in fully_shard, one block at a time
     for frozen in (ref_policy, reward_model):
         if frozen is not None:
@@ -133,12 +149,18 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         critic.gradient_checkpointing_enable()
-    if dist.enabled:  # data parallel: identical trained models on every rank (fresh heads, LoRA)
+    if dist.enabled and mode == "none":  # data parallel: identical trained models (fresh heads, LoRA)
         for m in (policy, critic):
-            if mode == "none":
-                dist_lib.broadcast_parameters(m, dist)
-            else:  # still on the host: the same seed built them; check instead of broadcasting
+            dist_lib.broadcast_parameters(m, dist)
+    for m, trainable in roles:  # FSDP2 (sharding.py): each rank's shards come from rank 0's copy
+        if m is not None and sharding.shards(mode, trainable):
+            # ranks > 0 may hold a meta-device skeleton (load_models); every rank says which it has
+            skeleton = dist_lib.all_reduce_sum(torch.tensor(float(sharding.is_skeleton(m))), dist).item() > 0
+            if skeleton and dist.rank == 0 and sharding.is_skeleton(m):
+                raise UserError("rank 0 must load the whole model to share it with the other ranks")
+            full = dict(m.state_dict()) if skeleton and dist.rank == 0 else None  # the full tensors, kept alive
+            if not skeleton:  # all ranks built it (e.g. models passed in Python): check, do not trust
                 dist_lib.check_identical(m, dist, type(m).__name__)
-    for m, trainable in roles:  # FSDP2 (sharding.py)
-        if m is not None:
             sharding.shard(m, mode, trainable)
+            if skeleton:
+                sharding.fill_from_rank0(m, full, device)

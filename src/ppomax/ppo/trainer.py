@@ -128,8 +128,12 @@ class PPOTrainer:
         self.eos_id = tokenizer.eos_token_id
 
         # ---- models: loaded (LoRA applied), placed on the device or sharded --------------------
+        # Sharded runs: ranks > 0 build the sharded models without weights and get them from rank 0,
+        # so a node holds one full host copy of each model, not one per process.
+        later_rank = self.dist.rank > 0 and self.sharding != "none"
         self.policy, self.ref_policy, self.reward_model, self.critic = setup.load_models(
-            cfg, policy, ref_policy, reward_model, critic, with_reward_model=reward_fn is None)
+            cfg, policy, ref_policy, reward_model, critic, with_reward_model=reward_fn is None,
+            skeleton_trained=later_rank, skeleton_frozen=later_rank and sharding.shards(self.sharding, False))
         setup.place_models(cfg, self.policy, self.critic, self.ref_policy, self.reward_model, self.dist,
                            self.sharding, self.device)
 
