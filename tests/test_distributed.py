@@ -137,27 +137,34 @@ def test_two_processes_equal_one_process(setup, tmp_path, kw):
     assert one["stats"]["grad_norm/policy"] > 0
 
 
+def _launch_setup(tmp_path, num_layers: int) -> tuple[str, str, list[str]]:
+    """(accelerate launcher, tiny model dir, the `-m ppomax ppo ...` arguments shared by the launch tests)."""
+    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    if not os.path.exists(launcher):
+        pytest.skip("accelerate launcher not on PATH")
+    from ppomax.data import write_jsonl
+
+    model_dir = build_tiny_model(tmp_path / "tiny", num_layers=num_layers, hidden_size=32, num_heads=2)
+    torch.manual_seed(0)
+    ScalarHeadModel.from_causal_lm(model_dir).save_pretrained(tmp_path / "rm")
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    args = ["-m", "ppomax", "ppo", "--model_name_or_path", model_dir, "--reward_model_path", str(tmp_path / "rm"),
+            "--dataset", str(tmp_path / "prompts.jsonl"), "--output_dir", str(tmp_path / "run"),
+            "--critic_pretrain_steps", "1", "--rollout_batch_size", "4", "--num_mini_batches", "2",
+            "--per_device_train_batch_size", "1", "--response_length", "5", "--report_to", "none",
+            "--disable_tqdm", "--learning_rate", "1e-3"]
+    return launcher, model_dir, args
+
+
 @pytest.mark.parametrize("mode", ["--multi_gpu", "--cpu"])
 def test_accelerate_launch_two_processes_on_cpu(tmp_path, mode):
     """`accelerate launch --multi_gpu|--cpu --num_processes 2 -m ppomax ppo` on CPU: two gloo processes
     (with --cpu, accelerate starts one and ppomax starts the two), rank 0 writes."""
-    if shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")):
-        pytest.skip("accelerate launcher not on PATH")
-    from ppomax.data import write_jsonl
-
-    model_dir = build_tiny_model(tmp_path / "tiny", num_layers=1, hidden_size=32, num_heads=2)
-    torch.manual_seed(0)
-    ScalarHeadModel.from_causal_lm(model_dir).save_pretrained(tmp_path / "rm")
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    launcher, _, args = _launch_setup(tmp_path, num_layers=1)
     out = tmp_path / "run"
-    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [launcher, "launch", mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "ppomax", "ppo",
-           "--model_name_or_path", model_dir, "--reward_model_path", str(tmp_path / "rm"),
-           "--dataset", str(tmp_path / "prompts.jsonl"), "--output_dir", str(out), "--max_steps", "2",
-           "--critic_pretrain_steps", "1", "--rollout_batch_size", "4", "--num_mini_batches", "2",
-           "--per_device_train_batch_size", "1", "--response_length", "5", "--report_to", "none",
-           "--disable_tqdm", "--learning_rate", "1e-3", "--save_steps", "2"]
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *args, "--max_steps", "2",
+           "--save_steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -172,23 +179,12 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path, mode):
 def test_accelerate_fsdp_config_shards_and_one_process_resumes(tmp_path):
     """examples/accelerate/fsdp_zero3.yaml with 2 processes on CPU: the models are sharded (ZeRO-3),
     rank 0 writes ordinary checkpoints, and one unsharded process resumes from them."""
-    launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
-    if not os.path.exists(launcher):
-        pytest.skip("accelerate launcher not on PATH")
-    from ppomax.data import write_jsonl
     from ppomax.models import load_causal_lm
 
-    model_dir = build_tiny_model(tmp_path / "tiny", num_layers=2, hidden_size=32, num_heads=2)
-    torch.manual_seed(0)
-    ScalarHeadModel.from_causal_lm(model_dir).save_pretrained(tmp_path / "rm")
-    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    launcher, model_dir, args = _launch_setup(tmp_path, num_layers=2)
+    args += ["--save_steps", "1", "--save_total_limit", "5"]
     out = tmp_path / "run"
     config = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "fsdp_zero3.yaml")
-    args = ["-m", "ppomax", "ppo", "--model_name_or_path", model_dir, "--reward_model_path", str(tmp_path / "rm"),
-            "--dataset", str(tmp_path / "prompts.jsonl"), "--output_dir", str(out), "--critic_pretrain_steps", "1",
-            "--rollout_batch_size", "4", "--num_mini_batches", "2", "--per_device_train_batch_size", "1",
-            "--response_length", "5", "--report_to", "none", "--disable_tqdm", "--learning_rate", "1e-3",
-            "--save_steps", "1", "--save_total_limit", "5"]
     cmd = [launcher, "launch", "--config_file", config, "--num_processes", "2",
            "--main_process_port", str(_free_port()), *args, "--max_steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -22,12 +22,12 @@ from ppomax.training import (
     RankMetrics,
     autocast,
     default_device,
-    grad_norm,
     load_scheduler_state,
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
     progress,
+    reduce_and_clip,
     scheduler_state,
 )
 
@@ -145,15 +145,7 @@ def run_supervised(
             if dist_lib.all_reduce_sum(torch.tensor(float(not finite)), d) > 0:  # every rank stops together
                 raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")
-            if mode == "none":
-                dist_lib.sum_gradients(model.parameters(), d)  # (FSDP has already summed and scattered them)
-            params = [p for p in model.parameters() if p.grad is not None]
-            if mode != "none":
-                gn = sharding.clip_grad_norm(params, cfg.max_grad_norm)
-            elif cfg.max_grad_norm is not None:
-                gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                gn = grad_norm(params)
+            gn = reduce_and_clip(model, d, mode != "none", cfg.max_grad_norm)
             if not math.isfinite(gn):  # stepping would write NaN into the weights (and the next checkpoint)
                 raise UserError(f"{stage}: non-finite gradient norm at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")

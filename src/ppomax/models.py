@@ -450,28 +450,26 @@ def load_weights_into(model: nn.Module, directory: str | os.PathLike) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
-    if sharding.is_sharded(model):  # scatter the full weights into this rank's shards
+    sharded = sharding.is_sharded(model)
+    if sharded:  # scatter the full weights (head included) into this rank's shards
         head = load_file(os.path.join(directory, HEAD_WEIGHTS)) if isinstance(model, ScalarHeadModel) else {}
         full = ({**{f"backbone.{k}": v for k, v in state.items()}, **{f"v_head.{k}": v.float() for k, v in head.items()}}
                 if isinstance(model, ScalarHeadModel) else state)
         missing, unexpected = sharding.load_full_state_dict(model, full)
         missing = [k for k in missing if not k.startswith("lm_head_for_training.")]  # the RM's tied LM term
-        tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(target.config, "tie_word_embeddings", False)}
-        if unexpected or set(missing) - tied:
-            raise ModelFormatError(f"{directory}: weights do not match the model (missing "
-                                   f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        return
-    try:
-        missing, unexpected = target.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch: a checkpoint of a different model size
-        raise ModelFormatError(f"{directory}: weights do not match the model ({str(e).splitlines()[-1].strip()})") from None
+    else:
+        try:
+            missing, unexpected = target.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch: a checkpoint of a different model size
+            raise ModelFormatError(f"{directory}: weights do not match the model "
+                                   f"({str(e).splitlines()[-1].strip()})") from None
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(target.config, "tie_word_embeddings", False)}
     if unexpected or set(missing) - tied:
         raise ModelFormatError(
             f"{directory}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]})"
         )
-    if isinstance(model, ScalarHeadModel):
+    if isinstance(model, ScalarHeadModel) and not sharded:
         head = load_file(os.path.join(directory, HEAD_WEIGHTS))
         model.v_head.load_state_dict({k: v.float() for k, v in head.items()})
 

@@ -43,12 +43,12 @@ from ppomax.training import (
     RankMetrics,
     autocast,
     default_device,
-    grad_norm,
     load_scheduler_state,
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
     progress,
+    reduce_and_clip,
     scheduler_state,
     set_seed,
     truncate_jsonl,
@@ -491,17 +491,7 @@ class PPOTrainer:
             models.insert(0, ("policy", self.policy, self.policy_opt))
         norms = {}
         for name, model, _ in models:
-            if self.sharding != "none":  # FSDP has already summed and scattered the gradients
-                params = [p for p in model.parameters() if p.grad is not None]
-                norms[name] = sharding.clip_grad_norm(params, cfg.max_grad_norm)
-                stats[f"grad_norm/{name}"] = norms[name]
-                continue
-            dist_lib.sum_gradients(model.parameters(), self.dist)
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.max_grad_norm is not None:
-                norms[name] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                norms[name] = grad_norm(params)
+            norms[name] = reduce_and_clip(model, self.dist, self.sharding != "none", cfg.max_grad_norm)
             stats[f"grad_norm/{name}"] = norms[name]
         bad = [n for n, v in norms.items() if not math.isfinite(v)]
         causes = list(dict.fromkeys(self._nonfinite))
