@@ -258,7 +258,8 @@ def test_output_dir_holding_a_different_run_is_refused_unless_asked(env, untouch
     ("cliprange", "-0.2", "PPOConfig.cliprange = -0.2 is out of range"),
     ("gamma", "1.5", "PPOConfig.gamma = 1.5 is out of range: allowed >= 0 and <= 1"),
     ("lam", "-0.1", "PPOConfig.lam = -0.1 is out of range: allowed >= 0 and <= 1"),
-    ("num_mini_batches", "3", "PPOConfig.rollout_batch_size = 4 must be divisible by num_mini_batches = 3"),
+    ("num_mini_batches", "3", "PPOConfig.rollout_batch_size = 4 × num_samples_per_prompt = 1: the 4 responses must "
+                             "be divisible by num_mini_batches = 3"),
 ], ids=["negative_lr", "clip_zero", "clip_negative", "gamma_above_1", "lambda_negative", "batch_not_divisible"])
 def test_out_of_range_config_value(flag, value, expected, env, untouched, capsys):
     rc, err = run_cli(ppo_flags(env, env.good, **{flag: value}), capsys)
@@ -326,6 +327,10 @@ def test_malicious_optimizer_state_is_refused_and_never_executed(env, tmp_path, 
     run, marker = _resume_copy(env, tmp_path), tmp_path / "EXECUTED"
     # a real torch.save pickle, named like ppomax's own optimizer state
     torch.save({"state": {}, "param_groups": [], "x": _Payload(marker)}, run / "checkpoint-2" / "optimizer-policy.pt")
+    from ppomax.checkpoint import write_manifest
+
+    # whoever can write the file can rewrite the manifest too: weights_only loading is the defence
+    write_manifest(run / "checkpoint-2")
     rc, err = run_cli(ppo_flags(env, run, max_steps=3, resume_from="latest"), capsys)
     assert rc == 1 and "optimizer-policy.pt: refused to load (not a plain tensor state" in err
     assert not marker.exists()

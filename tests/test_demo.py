@@ -6,8 +6,25 @@ import pytest
 import torch
 
 from ppomax.cli import main
+from ppomax.demo import SUMMARY_TABLE_COLUMNS, summary_table
 
 KEYS = ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_sft")
+
+
+def test_summary_table_by_hand():
+    """Decimals per column (kl, length: 1; others: 2), "–" for missing or NaN, right-aligned in
+    columns as wide as their widest cell, 3 spaces apart (widths: method 7, gold 5, kl 5)."""
+    summary = {"methods": {
+        "sft": {"rm_reward": -0.434, "gold": 0.0151, "kl": 0.0, "perplexity": 6.5349, "length": 9.06,
+                "well_formed": 0.9609, "win_rate_vs_sft": 0.5},
+        "vanilla": {"rm_reward": 6.2249, "gold": -1.4688, "gold_peak": float("nan"), "kl": 276.66,
+                    "perplexity": 1.3, "length": 28, "well_formed": 0, "win_rate_vs_sft": 0.0117},
+    }}  # fmt: skip
+    assert summary_table(summary).splitlines() == [
+        "method    rm_reward    gold   gold_peak      kl   perplexity   length   well_formed   win_rate_vs_sft",
+        "sft           -0.43    0.02           –     0.0         6.53      9.1          0.96              0.50",
+        "vanilla        6.22   -1.47           –   276.7         1.30     28.0          0.00              0.01",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +53,10 @@ def test_quick_demo_writes_report_summary_and_plots(quick_demo):
         assert m["kl"] > 0.0
         assert m["rm_reward"] > summary["methods"]["sft"]["rm_reward"]
     assert summary["methods"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # table.txt is the printed table, formatted from summary.json; every column is a summary key
+    assert (quick_demo / "table.txt").read_text(encoding="utf-8") == summary_table(summary) + "\n"
+    for name, m in summary["methods"].items():
+        assert set(SUMMARY_TABLE_COLUMNS) - set(m) <= ({"gold_peak"} if name == "sft" else set()), name
     report = (quick_demo / "report.md").read_text()
     assert "ppo_max" in report and "vanilla" in report and "plots/overview.png" in report
     for png in ("overview", "rm_reward", "gold", "kl", "perplexity", "length", "reward_tail"):
@@ -57,6 +78,7 @@ def test_demo_rerun_reuses_cached_stages(quick_demo, capsys):
     assert "[demo] SFT" not in out and "reward model:" not in out
     after = json.loads((quick_demo / "summary.json").read_text())
     assert after["methods"]["ppo_max"]["gold"] == before["methods"]["ppo_max"]["gold"]
+    assert "\n" + summary_table(after) + "\n" in out  # the console shows table.txt's text
 
 
 def test_eval_cli_on_demo_policy(quick_demo, tmp_path):
@@ -99,3 +121,8 @@ def test_full_demo_shows_the_papers_contrast(tmp_path):
     assert va["kl"] >= 3 * pm["kl"]
     assert pm["gold"] > sft["gold"] and pm["win_rate_vs_sft"] > 0.5
     assert s["contrast_holds"]
+    # The README shows this run's table, number for number (paste table.txt there after a change).
+    from test_readme import readme_demo_table  # tests/ is on sys.path under pytest's default import mode
+
+    assert (tmp_path / "demo" / "table.txt").read_text(encoding="utf-8") == summary_table(s) + "\n"
+    assert summary_table(s) == readme_demo_table(), "README.md's demo table differs from this run's table.txt"

@@ -144,6 +144,64 @@ def test_sft_exact_resume(tiny, sft_data, tmp_path):
     assert steps == list(range(1, 11))
 
 
+def _ragged_rows(n: int, stage: str) -> list[dict]:
+    """Responses of 1 to 12 words: a mean of micro-batch means would weigh their tokens unequally."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(n):
+        words = " " + " ".join(rng.choice(ANIMALS + COLORS) for _ in range(1 + i % 12))
+        if stage == "sft":
+            rows.append({"prompt": f"Say {i}:", "response": words})
+        else:
+            rows.append({"prompt": f"Pick {i}:", "chosen": words, "rejected": " no" * (1 + i % 5)})
+    return rows
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_batch_8x1_equals_batch_1x8_with_accumulation(tiny, tmp_path, monkeypatch, stage):
+    """The step's loss is the token (LM) / pair (Bradley-Terry) mean over the whole batch, so one
+    micro-batch of 8 and 8 accumulated micro-batches of 1 end at the same weights. The old loop
+    (per-micro-batch token means weighted by example count) gives each 1-word response the weight
+    of a 12-word one and differs here by > 1e-3.
+
+    Plain SGD stands in for AdamW so that Δθ = −lr·(clipped) gradient: AdamW's first steps are
+    ≈ lr·g/(|g| + 1e-8), which turns float rounding of gradients near 0 into lr-sized noise (the
+    value-head bias gets an exactly-zero Bradley-Terry gradient in exact arithmetic) and hides
+    real gradient differences behind sign(g).
+    """
+    from ppomax import loop
+    from ppomax.reward import train_reward_model
+    from ppomax.sft import train_sft
+
+    monkeypatch.setattr(loop, "make_optimizer", lambda params, lr, *a, **k: torch.optim.SGD(list(params), lr=lr))
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, _ragged_rows(24, stage))
+    runs = []
+    for micro, accum in ((8, 1), (1, 8)):
+        kw = dict(model_name_or_path=tiny, dataset=str(data), output_dir=str(tmp_path / f"{micro}x{accum}"),
+                  per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_steps=3,
+                  learning_rate=0.1, lr_scheduler_type="constant", warmup_ratio=0.0, eval_split=0.0,
+                  logging_steps=1, eval_steps=100, save_steps=100, report_to="none", disable_tqdm=True, seed=0)
+        if stage == "sft":
+            runs.append(train_sft(SFTConfig(**kw)))
+        else:  # with the LM term: both units at once
+            runs.append(train_reward_model(RewardConfig(**kw, rm_lm_coef=0.5)))
+    a, b = (dict(r["model"].named_parameters()) for r in runs)
+    moved = 0.0
+    start = {k.removeprefix("model."): v for k, v in load_causal_lm(tiny).state_dict().items()}
+    for name, p in a.items():
+        assert torch.allclose(p, b[name], rtol=0, atol=1e-6), (name, (p - b[name]).abs().max().item())
+        key = name.removeprefix("backbone.").removeprefix("model.")  # RM backbone / causal LM names
+        if key in start:
+            moved = max(moved, (p - start[key]).abs().max().item())
+    assert moved > 1e-4  # the weights did train
+    # the logged losses are batch means too, whatever the split (step 1: the same weights)
+    keys = ("train/loss",) if stage == "sft" else ("train/loss", "train/pair_loss", "train/lm_loss", "train/accuracy")
+    for ra, rb in zip(runs[0]["metrics"], runs[1]["metrics"]):
+        for k in keys:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
 def test_refuses_to_overwrite_a_different_run(tiny, sft_data, tmp_path):
     from ppomax.sft import train_sft
 

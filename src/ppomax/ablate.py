@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ppomax.config import AblateConfig, ConfigError, DemoConfig, PPOConfig
+from ppomax.demo import METHODS as DEMO_METHOD_OVERRIDES
 
 # Each PPO-max detail (PPO_MAX.md table, "in ppo_max? = yes") switched off in turn, plus vanilla.
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
@@ -29,6 +30,12 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "no_adv_whitening": {"whiten_advantages": False},
     "vanilla": {"preset": "vanilla"},
 }
+
+# The critic-free estimators (issue #14) as variants: by name in --variants (e.g. "ppo_max;grpo;rloo").
+ESTIMATOR_VARIANTS: dict[str, dict[str, Any]] = {
+    name: dict(overrides) for name, overrides in DEMO_METHOD_OVERRIDES.items() if name not in DEFAULT_VARIANTS
+}
+KNOWN_VARIANTS = {**DEFAULT_VARIANTS, **ESTIMATOR_VARIANTS}
 
 METRICS = ("gold_final", "gold_peak", "kl", "perplexity", "length", "win_rate", "explained_variance")
 
@@ -47,8 +54,12 @@ def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
         raw = {}
         for part in filter(None, (p.strip() for p in spec.split(";"))):
             name, _, body = part.partition(":")
-            if not name or not body and name != "ppo_max":
-                raise ConfigError(f"AblateConfig.variants: cannot parse {part!r} (expected name:field=value,...)")
+            if name in KNOWN_VARIANTS and not body:  # a built-in variant by name
+                raw[name] = KNOWN_VARIANTS[name]
+                continue
+            if not name or not body:
+                raise ConfigError(f"AblateConfig.variants: cannot parse {part!r} (expected name:field=value,... or a "
+                                  f"built-in name: {', '.join(KNOWN_VARIANTS)})")
             kv = {}
             for item in filter(None, (x.strip() for x in body.split(","))):
                 k, eq, v = item.partition("=")

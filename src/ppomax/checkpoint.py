@@ -7,18 +7,30 @@ A checkpoint is a directory ``checkpoint-<step>`` in the run directory holding:
 - ``state.json`` (step, scheduler states, running moments, KL controller, data position,
   Python/NumPy RNG states, anything the trainer adds),
 - ``rng.safetensors`` (torch CPU / CUDA generator states),
+- ``MANIFEST.json`` (size and sha256 of every file above),
 - ``COMPLETE`` (written last).
 
 It is written into a temporary sibling directory (``.tmp-checkpoint-<step>-*``) and renamed into
 place, so a crash (even ``kill -9``) during a save leaves the previous checkpoint untouched and no
-half-written one that looks complete; the next save removes such leftovers. Old checkpoints are
+half-written one that looks complete; the next save removes such leftovers. A save that fails
+(disk full, I/O error) removes its temporary directory and raises a :class:`CheckpointError`
+that names the checkpoint, the part being written and the cause. Old checkpoints are
 deleted marker-first, so a crash mid-deletion never leaves a "complete" checkpoint with missing
 files. One process writes a run directory at a time. Loading refuses anything but
 safetensors/JSON/weights-only tensors (docs/reliability.md).
+
+COMPLETE only says that the writer finished; a file can still be damaged afterwards (a copy cut
+short, a disk error, a file zero-filled after a power loss, a hand edit). So resuming checks the
+manifest first: every file present, with its size and its sha256 (read at disk speed, in
+parallel threads; a cheaper size-only check would miss a zero-filled or flipped region).
+``--resume_from latest`` then falls back to the newest checkpoint that passes; an explicitly named
+checkpoint that fails is an error, never silently replaced.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -26,16 +38,22 @@ import random
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppomax.errors import UserError
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "MANIFEST.json"
+# What a failing write raises: OSError (open/write/fsync/rename, ENOSPC), RuntimeError (torch.save's
+# stream writer), SafetensorError (safetensors' writer, also inside save_pretrained).
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 logger = logging.getLogger("ppomax")
 
 
@@ -117,34 +135,52 @@ def save_checkpoint(
     for stale in run_dir.glob(".tmp-checkpoint-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir))
+    part = "its temporary directory"  # what is being written, for the error message
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=run_dir))
         for name, model in models.items():
+            part = f"{name}/"
             model.save_pretrained(tmp / name)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / name)
         for name, opt in optimizers.items():
-            torch.save(opt.state_dict(), tmp / f"optimizer-{name}.pt")
+            part = f"optimizer-{name}.pt"
+            torch.save(opt.state_dict(), tmp / part)
+        part = "rng.safetensors"
         js_rng, tensor_rng = rng_state()
         save_file({**tensor_rng, **(rank_rng or {})}, tmp / "rng.safetensors")
+        part = "state.json"
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump({"step": step, "rng": js_rng, **state}, fh)
+        part = MANIFEST
+        write_manifest(tmp)
+        part = "COMPLETE"
         (tmp / "COMPLETE").write_text(str(step))
+        part = "its files to disk (fsync)"
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
+        part = f"{final.name} (renaming it into place)"
         if final.exists():  # re-saving the same step (e.g. after a rollback): replace atomically
             old = run_dir / f".old-checkpoint-{step}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # put the previous one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, _WRITE_ERRORS):  # disk full, I/O error: say so plainly (the CLI prints UserErrors)
+            raise _write_error(run_dir, final, part, e) from e
         raise
     if save_total_limit is not None:
         protected = {final.resolve(), *(Path(k).resolve() for k in keep)}
@@ -152,6 +188,73 @@ def save_checkpoint(
             if old.resolve() not in protected:
                 remove_checkpoint(old)
     return final
+
+
+def _write_error(run_dir: Path, final: Path, part: str, e: BaseException) -> CheckpointError:
+    """The message of a failed save: which checkpoint, which part, why, and what is left."""
+    full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e) or "StorageFull" in str(e)
+    intact = list_checkpoints(run_dir)
+    left = (f"the newest complete checkpoint {intact[-1]} is intact" if intact
+            else "there is no earlier complete checkpoint")
+    todo = "free disk space" if full else "fix the cause"
+    return CheckpointError(
+        f"could not write checkpoint {final} (while writing {part}): {type(e).__name__}: {e}"
+        f"{' (disk full)' if full else ''}. The partial checkpoint was removed and {left}; {todo}, then "
+        f"continue with --resume_from latest"
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    # hashlib releases the GIL on large buffers: one thread per file keeps several cores busy
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def write_manifest(ckpt: Path) -> None:
+    """``MANIFEST.json``: size and sha256 of every file in ``ckpt`` (before COMPLETE is written)."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in (MANIFEST, "COMPLETE"))
+    entries = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": h}
+               for p, h in zip(files, _sha256_all(files))}
+    with open(ckpt / MANIFEST, "w", encoding="utf-8") as fh:
+        json.dump({"format": 1, "files": entries}, fh, indent=1)
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Raise a CheckpointError naming the first file of ``ckpt`` that is missing, has another
+    size, or other bytes than the manifest says. Checkpoints of older ppomax versions have no
+    manifest: they are accepted unverified (logged)."""
+    ckpt = Path(ckpt)
+    mpath = ckpt / MANIFEST
+    if not mpath.exists():
+        logger.info("%s has no %s (an older ppomax wrote it): its files are not verified", ckpt, MANIFEST)
+        return
+    try:
+        with open(mpath, encoding="utf-8") as fh:
+            entries = json.load(fh)["files"]
+        expected = {rel: (int(e["size"]), str(e["sha256"])) for rel, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable checkpoint manifest ({type(e).__name__}: {e})") from None
+    root = ckpt.resolve()
+    for rel, (size, _) in expected.items():  # sizes first: cheap, and they catch truncation
+        p = ckpt / rel
+        if not p.resolve().is_relative_to(root):
+            raise CheckpointError(f"{mpath}: lists a file outside the checkpoint ({rel})")
+        if not p.is_file():
+            raise CheckpointError(f"{p}: missing from the checkpoint (listed in {MANIFEST})")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p}: truncated or overwritten ({p.stat().st_size} bytes; {size} were written)")
+    rels = sorted(expected)
+    for rel, digest in zip(rels, _sha256_all([ckpt / r for r in rels])):
+        if digest != expected[rel][1]:
+            raise CheckpointError(f"{ckpt / rel}: corrupt (its sha256 differs from the one written with it)")
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -187,6 +290,9 @@ def resolve_resume(run_dir: str | Path | None, resume_from: str) -> Path | None:
 
     'latest' with no complete checkpoint in ``run_dir`` yet returns None (start from scratch,
     logged), so one command line serves a job's first start and every restart after a kill.
+    Every candidate is verified against its manifest (:func:`verify_checkpoint`): 'latest' and a
+    run dir fall back to the newest checkpoint that passes (a warning names the bad file and the
+    one used); a checkpoint named explicitly must pass itself.
     """
     if resume_from == "latest":
         if run_dir is None:
@@ -195,24 +301,52 @@ def resolve_resume(run_dir: str | Path | None, resume_from: str) -> Path | None:
         if not ckpts:
             logger.warning("--resume_from latest: no complete checkpoint in %s yet; starting from scratch", run_dir)
             return None
-        return ckpts[-1]
+        return _newest_intact(ckpts, resume_from)
     p = Path(resume_from)
     if not p.exists():
         raise CheckpointError(f"--resume_from {resume_from}: no such directory")
     if (p / "COMPLETE").exists():
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:  # named explicitly: never silently another one
+            raise CheckpointError(f"--resume_from {resume_from}: damaged checkpoint: {e}") from None
         return p
     ckpts = list_checkpoints(p)
     if ckpts:
-        return ckpts[-1]
+        return _newest_intact(ckpts, resume_from)
     raise CheckpointError(f"--resume_from {resume_from}: not a complete ppomax checkpoint (no COMPLETE marker)")
+
+
+def _newest_intact(ckpts: list[Path], resume_from: str) -> Path:
+    """The newest of ``ckpts`` (oldest first) that passes verification."""
+    bad: list[str] = []
+    for ckpt in reversed(ckpts):
+        try:
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            logger.warning("--resume_from %s: skipping the damaged checkpoint %s: %s", resume_from, ckpt.name, e)
+            bad.append(str(e))
+            continue
+        if bad:
+            logger.warning("--resume_from %s: resuming from %s, the newest intact checkpoint (skipped %d damaged "
+                           "newer one(s): %s)", resume_from, ckpt, len(bad), "; ".join(bad))
+        return ckpt
+    raise CheckpointError(f"--resume_from {resume_from}: no intact checkpoint left in {ckpts[0].parent}: "
+                          + "; ".join(bad))
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:
     """The JSON state of a checkpoint (RNG included, not yet applied)."""
     ckpt = Path(ckpt)
     refuse_pickles(ckpt)
-    with open(ckpt / "state.json", encoding="utf-8") as fh:
-        return json.load(fh)
+    path = ckpt / "state.json"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: e.g. an unverified older checkpoint
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def restore_rng(ckpt: str | Path, state: dict[str, Any], rank: int = 0) -> bool:

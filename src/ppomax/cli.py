@@ -93,7 +93,11 @@ def _run_rm(cfg: C.RewardConfig) -> None:
 def _run_ppo(cfg: C.PPOConfig) -> None:
     from ppomax.ppo.trainer import PPOTrainer
 
-    PPOTrainer(cfg).train()
+    trainer = PPOTrainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.engine.close()  # a vLLM engine shuts down before the process group it shares is destroyed
 
 
 def _run_eval(cfg: C.EvalConfig) -> None:

@@ -12,82 +12,20 @@ Precedence when parsing: preset < YAML file < command-line flags.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any
 
-from ppomax.errors import UserError
+from ppomax.fields import ConfigError, _allowed, check, coerce, field_base_type, opt, validate_fields
 
-_MISSING = dataclasses.MISSING
+__all__ = ["ConfigError", "_allowed", "check", "coerce", "field_base_type", "opt", "validate_fields"]  # re-exported
 
+def _check_engine(cfg: Any) -> None:
+    """--rollout_engine vllm without a working vLLM fails here, before any model is loaded."""
+    if cfg.rollout_engine == "vllm":
+        from ppomax.engines.vllm import check_available  # imports vLLM only when it is asked for
 
-class ConfigError(UserError, ValueError):
-    """A config value is invalid; the message names the field, the value and what is allowed."""
-
-
-def opt(
-    default: Any = _MISSING,
-    help: str = "",
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-    choices: tuple | None = None,
-    required: bool = False,
-) -> Any:
-    """A dataclass field with help text and a declarative allowed range."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "required": required}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _allowed(meta: dict) -> str:
-    parts = []
-    if meta.get("choices"):
-        return "one of " + ", ".join(repr(c) for c in meta["choices"])
-    if meta.get("ge") is not None:
-        parts.append(f">= {meta['ge']}")
-    if meta.get("gt") is not None:
-        parts.append(f"> {meta['gt']}")
-    if meta.get("le") is not None:
-        parts.append(f"<= {meta['le']}")
-    if meta.get("lt") is not None:
-        parts.append(f"< {meta['lt']}")
-    return " and ".join(parts)
-
-
-def validate_fields(cfg: Any) -> None:
-    """Check every field against its declared range; raise ConfigError naming the field."""
-    name = type(cfg).__name__
-    for f in dataclasses.fields(cfg):
-        meta, value = f.metadata, getattr(cfg, f.name)
-        if meta.get("required") and (value is None or value == ""):
-            raise ConfigError(f"{name}.{f.name} is required (flag --{f.name})")
-        if value is None:
-            continue
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{name}.{f.name} = {value!r} is invalid: allowed {_allowed(meta)}")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if isinstance(value, float) and math.isnan(value):
-            raise ConfigError(f"{name}.{f.name} = nan is invalid: allowed {_allowed(meta) or 'a number'}")
-        bad = (
-            (meta.get("ge") is not None and value < meta["ge"])
-            or (meta.get("gt") is not None and value <= meta["gt"])
-            or (meta.get("le") is not None and value > meta["le"])
-            or (meta.get("lt") is not None and value >= meta["lt"])
-        )
-        if bad:
-            raise ConfigError(f"{name}.{f.name} = {value!r} is out of range: allowed {_allowed(meta)}")
-
-
-def check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
+        check_available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +155,10 @@ class RewardConfig(RunArgs):
 class PPOConfig(LoraArgs, RunArgs):
     """PPO-max (paper Sec. 5.4). The defaults are the ``ppo_max`` preset; see PRESETS."""
 
-    preset: str = opt("ppo_max", "Starting values: 'ppo_max' (paper Sec. 5.4) or 'vanilla' (Fig. 5 baseline).", choices=("ppo_max", "vanilla", "none"))
+    preset: str = opt(
+        "ppo_max", "Starting values of every PPO-max detail: 'ppo_max' (paper Sec. 5.4) or 'vanilla' (Fig. 5 baseline); "
+        "fields set explicitly (flags, YAML, keyword arguments) override the preset's.", choices=("ppo_max", "vanilla"),
+    )
     reward_model_path: str | None = opt(None, "Reward model directory (scalar head); or pass reward_fn in Python.")
     ref_model_path: str | None = opt(None, "Reference policy π_ref (default: model_name_or_path, frozen).")
     critic_model_path: str | None = opt(None, "Critic init directory (default: per critic_init).")
@@ -236,11 +177,40 @@ class PPOConfig(LoraArgs, RunArgs):
     num_ppo_epochs: int = opt(1, "Passes over each experience buffer.", ge=1)
     response_length: int = opt(128, "Maximum new tokens per response (the length cap).", ge=1)
     temperature: float = opt(1.0, "Sampling temperature; log-probs use the same temperature (PPO_MAX.md).", gt=0)
-    top_k: int = opt(0, "Top-k sampling (0: off).", ge=0)
-    top_p: float = opt(1.0, "Nucleus sampling (1.0: off).", gt=0, le=1)
+    top_k: int = opt(
+        0, "Top-k sampling (0: off). PPO refuses other values: the ratio and the KL penalty score the sampled tokens "
+        "under the full temperature-scaled softmax, so truncated sampling would bias both (use temperature).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling (1.0: off). PPO refuses other values, for the reason given at top_k.",
+                       gt=0, le=1)
     stop_at_eos: bool = opt(
-        True, "End a response at its first EOS (off: every response is exactly response_length tokens, e.g. for benchmarks).",
+        True, "End a response at its first EOS id, any of the tokenizer's and generation_config's (off: every response "
+        "is exactly response_length tokens, e.g. for benchmarks; 'truncated' then means no EOS among them).",
     )
+    disable_dropout: bool = opt(
+        True, "Set every dropout rate of the policy, critic, reference and reward model to 0 (LoRA's too). Rollouts "
+        "run in eval mode and the update in train mode; with dropout on, the first mini-batch's ratio is not 1 and "
+        "the clip fires on noise (TRL does the same).",
+    )
+    rollout_engine: str = opt(
+        "hf", "What samples the rollouts: 'hf' (ppomax's KV-cache decode loop on the training model) or 'vllm' (a "
+        "colocated vLLM engine in this process, weights synced after every update; pip install 'ppomax[vllm]').",
+        choices=("hf", "vllm"),
+    )
+    # vLLM engine settings (ppomax.engines.vllm; ignored by 'hf')
+    vllm_gpu_memory_utilization: float = opt(
+        0.2, "vLLM: share of GPU memory for its weights and KV cache (on CPU: of host RAM, for the KV cache). vLLM's "
+        "0.9 would starve the colocated trainer's models and optimizer; 0.2 starts on a 23 GB CPU host.", gt=0, lt=1)
+    vllm_kv_cache_memory_gib: float | None = opt(
+        None, "vLLM: an explicit KV-cache size in GiB instead of vllm_gpu_memory_utilization (small runs, tests).", gt=0)
+    vllm_dtype: str = opt("auto", "vLLM weights dtype ('auto': the policy's).", choices=("auto", "float32", "bfloat16",
+                                                                                           "float16"))
+    vllm_enforce_eager: bool = opt(False, "vLLM: no CUDA graphs / torch.compile (faster start, slower decode).")
+    vllm_enable_sleep_mode: bool = opt(
+        False, "vLLM, GPU only: sleep (weights to host, KV cache freed) while the trainer trains; refused on CPU.")
+    vllm_logprobs_as_old: bool = opt(
+        False, "Use vLLM's sampled-token log-probs as log π_old instead of a trainer forward (as --rollout_logprobs "
+        "generate does with vllm): saves a policy forward per rollout, but vLLM's kernels differ numerically, so the "
+        "first ratio is not 1 and the clip sees that gap as policy change; rollout/logprob_gap_* are then not logged.")
     rollout_logprobs: str = opt(
         "auto", "Where log π_old comes from: 'generate' (the sampling logits, no second policy forward), 'forward' "
         "(a full forward, bit-identical to the training forward), 'auto' (generate in fp32, forward under bf16/fp16).",
@@ -251,7 +221,10 @@ class PPOConfig(LoraArgs, RunArgs):
         "(and their backward). Faster iterations once compiled, but the first iteration compiles for tens of seconds "
         "and the first change of prompt/response length recompiles once (with dynamic shapes): for long runs.",
     )
-    missing_eos_penalty: float | None = opt(None, "Subtract this from the score of responses that hit the cap without EOS.", ge=0)
+    missing_eos_penalty: float | None = opt(
+        1.0, "Subtract this from the raw score of responses that hit the cap without EOS, before normalisation. The "
+        "reward model only saw responses ending in EOS; a truncated one is scored at a token it was never trained "
+        "on, which PPO can exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 = log π − log π_ref (can be < 0), k3 ≥ 0.", choices=("k1", "k2", "k3"))
@@ -262,10 +235,37 @@ class PPOConfig(LoraArgs, RunArgs):
     reward_normalize: bool = opt(True, "Normalise scores with running mean/std of all scores so far (Eq. 18).")
     reward_clip: float | None = opt(0.8, "δ: clip normalised scores to [−δ, δ] (Eq. 18; paper ablates 0.3/0.8, advises relaxed). None: off.", gt=0)
     whiten_rewards: bool = opt(False, "Whiten the per-token rewards within the batch before GAE (TRL option).")
+    # --- advantage estimator (issue #14): PPO-max's GAE with a critic, or a critic-free one ---
+    advantage_estimator: str = opt(
+        "gae", "How advantages are estimated: 'gae' (PPO-max: a critic and GAE, Eq. 12-13), or critic-free: 'grpo' "
+        "(Shao et al. 2024: reward minus the prompt group's mean, over its std), 'rloo' (Ahmadian et al. 2024: minus "
+        "the mean of the other samples), 'reinforce_pp' (Hu 2025: token returns whitened over the batch). Critic-free "
+        "estimators load and train no critic.", choices=("gae", "grpo", "rloo", "reinforce_pp"),
+    )
+    num_samples_per_prompt: int = opt(
+        1, "k: responses sampled per prompt; the k samples of a prompt sit next to each other in the batch, and "
+        "rollout_batch_size counts prompts (an iteration has rollout_batch_size × k responses). grpo/rloo need k >= 2.",
+        ge=1,
+    )
+    grpo_scale_rewards: bool = opt(
+        True, "grpo: divide by the group's std. false gives Dr. GRPO (Liu et al. 2025), which also uses "
+        "--loss_reduction token_sum.",
+    )
+    kl_in_reward: bool = opt(
+        True, "Where the KL penalty η acts: true puts −η·KL_t into the token rewards (PPO-max, Sec. 5.3.1); false adds "
+        "η × the k3 estimate of KL(π_θ‖π_ref) to the policy loss, as GRPO does.",
+    )
+    loss_reduction: str = opt(
+        "token_mean", "How token losses of a mini-batch are reduced: 'token_mean' (every token of the mini-batch weighs "
+        "the same) or 'token_sum' (Dr. GRPO: summed and divided by a constant, responses × response_length, so long "
+        "responses are not down-weighted).", choices=("token_mean", "token_sum"),
+    )
     # --- advantages and losses (Fig. 5 details 6, 7, 10, 11) ----------------------------------
     gamma: float = opt(1.0, "γ discount in GAE (App. C.3).", ge=0, le=1)
     lam: float = opt(0.9, "λ of GAE (App. C.3 text: 0.9; released code 0.95).", ge=0, le=1)
-    whiten_advantages: bool = opt(True, "Normalise advantages per mini-batch (Sec. 5.3.1 detail 6).")
+    whiten_advantages: bool = opt(
+        True, "Normalise GAE advantages per mini-batch (Sec. 5.3.1 detail 6). The critic-free estimators normalise by "
+        "their own rule (per group, or over the batch) and are not whitened again.")
     advantage_clip: float | None = opt(None, "Clip advantages to [−c, c] (detail 6; the paper advises not stacking with reward clipping).", gt=0)
     cliprange: float = opt(0.2, "ε of the clipped surrogate (Eq. 14; App. C.1).", gt=0, lt=1)
     cliprange_value: float | None = opt(0.2, "ε_v of value-loss clipping (detail 7). None: off.", gt=0)
@@ -305,29 +305,53 @@ class PPOConfig(LoraArgs, RunArgs):
     def __post_init__(self) -> None:
         self._check_common()
         self._check_lora()
+        _check_engine(self)
         n = type(self).__name__
+        k = self.num_samples_per_prompt
         check(
-            self.rollout_batch_size % self.num_mini_batches == 0,
-            f"{n}.rollout_batch_size = {self.rollout_batch_size} must be divisible by num_mini_batches = {self.num_mini_batches}",
+            self.rollout_batch_size * k % self.num_mini_batches == 0,
+            f"{n}.rollout_batch_size = {self.rollout_batch_size} × num_samples_per_prompt = {k}: the "
+            f"{self.rollout_batch_size * k} responses must be divisible by num_mini_batches = {self.num_mini_batches}",
         )
-        mini = self.rollout_batch_size // self.num_mini_batches
+        if self.advantage_estimator in ("grpo", "rloo"):
+            check(k >= 2, f"{n}.num_samples_per_prompt = {k}: advantage_estimator = {self.advantage_estimator!r} "
+                          f"needs >= 2 samples per prompt (its baseline is the other samples of the prompt); set "
+                          f"--num_samples_per_prompt 4, for example")
+        if not self.uses_critic:  # the estimator decides whether a critic exists; no second flag to keep in sync
+            unset = {f.name: f.default for f in dataclasses.fields(self) if f.name in CRITIC_FIELDS} | NO_CRITIC
+            given = [f for f in CRITIC_FIELDS if getattr(self, f) != unset[f]]
+            check(not given, f"{n}: advantage_estimator = {self.advantage_estimator!r} trains no critic, but critic "
+                             f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
+                             f"--advantage_estimator gae)")
+        # The ratio π_θ/π_old and the KL to π_ref score sampled tokens under the full softmax at the sampling
+        # temperature (PPO_MAX.md); tokens drawn from a top-k/top-p truncation come from another distribution.
+        for name, off in (("top_k", 0), ("top_p", 1.0)):
+            check(getattr(self, name) == off,
+                  f"{n}.{name} = {getattr(self, name)!r} is not supported in PPO: the ratio and the KL penalty are "
+                  f"computed under the full temperature-scaled softmax, so truncated sampling would bias both. "
+                  f"Leave {name} at {off!r} and lower --temperature instead (top_k / top_p are allowed in ppomax eval)")
+        mini = self.mini_batch_size
         check(
             mini % self.per_device_train_batch_size == 0 or self.per_device_train_batch_size >= mini,
             f"{n}.per_device_train_batch_size = {self.per_device_train_batch_size} must divide the mini-batch size {mini} "
-            f"(rollout_batch_size / num_mini_batches)",
+            f"(rollout_batch_size × num_samples_per_prompt / num_mini_batches)",
         )
 
     @property
+    def uses_critic(self) -> bool:
+        """Only GAE needs a value function; grpo, rloo and reinforce_pp are critic-free."""
+        return self.advantage_estimator == "gae"
+
+    @property
     def mini_batch_size(self) -> int:
-        return self.rollout_batch_size // self.num_mini_batches
+        """Responses per mini-batch: the rollout's rollout_batch_size × num_samples_per_prompt, split."""
+        return self.rollout_batch_size * self.num_samples_per_prompt // self.num_mini_batches
 
     @classmethod
     def from_preset(cls, preset: str = "ppo_max", **overrides: Any) -> PPOConfig:
-        """Build a config from a preset, then apply ``overrides`` (any field)."""
-        if preset not in PRESETS:
-            raise ConfigError(f"PPOConfig.preset = {preset!r} is invalid: allowed one of {', '.join(map(repr, PRESETS))}")
-        values = {**PRESETS[preset], **overrides, "preset": preset}
-        return cls(**values)
+        """Build a config from a preset, then apply ``overrides`` (any field). The same as
+        ``PPOConfig(preset=preset, **overrides)``."""
+        return cls(**overrides, preset=preset)
 
 
 @dataclass
@@ -346,6 +370,13 @@ class EvalConfig:
     num_samples: int = opt(8, "Sample generations written to the report.", ge=0)
     response_length: int = opt(128, "Maximum new tokens.", ge=1)
     temperature: float = opt(1.0, "Sampling temperature.", gt=0)
+    rollout_engine: str = opt("hf", "What samples the responses: 'hf' or 'vllm' (as in PPOConfig).", choices=("hf", "vllm"))
+    vllm_gpu_memory_utilization: float = opt(0.2, "As in PPOConfig.", gt=0, lt=1)
+    vllm_kv_cache_memory_gib: float | None = opt(None, "As in PPOConfig.", gt=0)
+    vllm_dtype: str = opt("auto", "As in PPOConfig.", choices=("auto", "float32", "bfloat16", "float16"))
+    vllm_enforce_eager: bool = opt(False, "As in PPOConfig.")
+    top_k: int = opt(0, "Top-k sampling (0: off). kl and perplexity stay under the full temperature-scaled softmax.", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling (1.0: off); kl and perplexity as for top_k.", gt=0, le=1)
     batch_size: int = opt(64, "Prompts per generate() call.", ge=1)
     max_prompt_length: int = opt(512, "Prompt truncation length.", ge=1)
     seed: int = opt(1234, "Sampling seed.", ge=0)
@@ -356,6 +387,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(self.dataset is not None or self.task is not None, "EvalConfig: give --dataset or --task")
+        _check_engine(self)
 
 
 @dataclass
@@ -411,7 +443,9 @@ class DemoConfig:
         choices=("reviews-tiny", "smollm2"),
     )
     ppo_steps: int = opt(-1, "PPO iterations per method (-1: the mode's default).", ge=-1)
-    methods: str = opt("ppo_max,vanilla", "Comma-separated presets to train and compare.")
+    methods: str = opt(
+        "ppo_max,vanilla", "Comma-separated methods to train and compare, any of: ppo_max, vanilla (the presets), grpo, "
+        "dr_grpo, rloo, reinforce_pp (critic-free estimators with PPO-max's constraints; docs/estimators.md).")
     cache_dir: str | None = opt(
         None, "Where task assets (SFT model, RM, data) are cached (default: <output_dir>/assets); with "
         "--model smollm2, the converted model's directory (default: ~/.cache/ppomax/smollm2).",
@@ -425,8 +459,14 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        bad = [m for m in self.methods.split(",") if m.strip() not in ("ppo_max", "vanilla")]
-        check(not bad, f"DemoConfig.methods has unknown preset(s) {bad}: allowed 'ppo_max', 'vanilla'")
+        names = [m.strip() for m in self.methods.split(",")]
+        bad = [m for m in names if m not in DEMO_METHODS]
+        check(not bad, f"DemoConfig.methods has unknown method(s) {bad}: allowed {', '.join(DEMO_METHODS)}")
+        check(len(set(names)) == len(names), f"DemoConfig.methods = {self.methods!r} names a method twice")
+
+
+# Methods `ppomax demo --methods` trains (their settings: ppomax.demo.METHODS).
+DEMO_METHODS = ("ppo_max", "vanilla", "grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -435,7 +475,8 @@ class AblateConfig:
 
     output_dir: str = opt("runs/ablate", "Run directory of the ablation.")
     variants: str | None = opt(
-        None, "Variants as 'name:field=value,field=value;name2:...' or a YAML file mapping names to overrides "
+        None, "Variants as 'name:field=value,field=value;name2:...' or a YAML file mapping names to overrides; a bare "
+        "name picks a built-in variant: the defaults or the estimators grpo, dr_grpo, rloo, reinforce_pp "
         "(default: each PPO-max detail switched off in turn, plus vanilla).",
     )
     seeds: int = opt(1, "Seeds per variant; with >1, means ± 95% intervals and significance marks.", ge=1)
@@ -468,60 +509,43 @@ VANILLA_PRESET: dict[str, Any] = {
     "critic_pretrain_steps": 0,
     "max_grad_norm": None,
     "ptx_coef": 0.0,
+    "missing_eos_penalty": None,
     "whiten_advantages": True,
     "advantage_clip": None,
     "entropy_coef": 0.0,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"ppo_max": PPO_MAX_PRESET, "vanilla": VANILLA_PRESET, "none": {}}
+PRESETS: dict[str, dict[str, Any]] = {"ppo_max": PPO_MAX_PRESET, "vanilla": VANILLA_PRESET}
+
+# Critic options: with a critic-free advantage estimator their preset values are replaced by NO_CRITIC
+# (no critic pre-training, no value clipping), and any other value than that or the default is refused.
+CRITIC_FIELDS = ("critic_model_path", "critic_init", "critic_use_peft", "critic_learning_rate", "critic_pretrain_steps",
+                 "cliprange_value", "vf_coef")
+NO_CRITIC: dict[str, Any] = {"critic_pretrain_steps": 0, "cliprange_value": None}
 
 
-# ---------------------------------------------------------------------------------------------
-# Type helpers used by the CLI / YAML layer
-# ---------------------------------------------------------------------------------------------
+def _apply_preset(init):
+    """Wrap PPOConfig's generated ``__init__`` so that the preset applies however the config is built
+    (the constructor, ``from_preset``, YAML, the CLI): the preset's values first, then every field the
+    caller passed. Without this, ``PPOConfig(preset="vanilla")`` would keep the dataclass defaults, which
+    are PPO-max, under the label "vanilla". Fields are keyword-only for the same reason: a positional
+    value could not be told apart from a preset value. ``dataclasses.replace`` passes every field, so it
+    keeps the values it copies (change the preset with ``from_preset`` instead)."""
+
+    @functools.wraps(init)
+    def __init__(self, **kwargs: Any) -> None:
+        preset = kwargs.get("preset", "ppo_max")
+        if preset not in PRESETS:
+            raise ConfigError(f"PPOConfig.preset = {preset!r} is invalid: allowed one of {', '.join(map(repr, PRESETS))}")
+        values = {**PRESETS[preset]}
+        if kwargs.get("advantage_estimator", "gae") != "gae":  # no critic: the preset's critic details do not apply
+            values.update(NO_CRITIC)
+        init(self, **{**values, **kwargs})
+
+    return __init__
 
 
-def field_base_type(cls: type, name: str) -> tuple[type, bool]:
-    """(base type, optional?) of a dataclass field, resolving ``X | None`` annotations."""
-    hints = typing.get_type_hints(cls)
-    tp = hints[name]
-    optional = False
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        tp = args[0]
-    return tp, optional
-
-
-def coerce(cls: type, name: str, value: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the field."""
-    tp, optional = field_base_type(cls, name)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"{cls.__name__}.{name} may not be None")
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{cls.__name__}.{name} = {value!r} is not a valid {tp.__name__}") from None
-    return value
+PPOConfig.__init__ = _apply_preset(PPOConfig.__init__)
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -3,7 +3,8 @@
 Stages (each cached in ``<output_dir>/assets`` or ``<output_dir>/runs`` and skipped when done):
   task data → tiny Llama pre-init → SFT → preference pairs from SFT samples labelled by the
   gold judge (Bradley-Terry noise) → reward model → PPO per method (same seed and budget) →
-  evaluation on held-out prompts (SFT as baseline) → report with plots and summary.json.
+  evaluation on held-out prompts (SFT as baseline) → report with plots, summary.json and
+  table.txt (the printed summary table, :func:`summary_table`).
 
 The reward model only ever sees well-formed, single-domain reviews, so it can be fooled by
 off-distribution text (e.g. cross-domain clauses); vanilla PPO finds that hole, PPO-max's KL
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -180,11 +182,29 @@ def build_assets(cfg: DemoConfig, b: Budget) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+# What each `--methods` name trains (config.DEMO_METHODS). The critic-free estimators (issue #14) keep
+# PPO-max's policy constraints (KL in the reward, reward normalisation and clipping, gradient clipping),
+# so only the advantage estimate differs from ppo_max; grpo / rloo sample k = 4 responses per prompt.
+GROUP_SIZE = 4
+METHODS: dict[str, dict[str, Any]] = {
+    "ppo_max": {"preset": "ppo_max"},
+    "vanilla": {"preset": "vanilla"},
+    "grpo": {"advantage_estimator": "grpo", "num_samples_per_prompt": GROUP_SIZE},
+    "dr_grpo": {"advantage_estimator": "grpo", "num_samples_per_prompt": GROUP_SIZE, "grpo_scale_rewards": False,
+                "loss_reduction": "token_sum"},
+    "rloo": {"advantage_estimator": "rloo", "num_samples_per_prompt": GROUP_SIZE},
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp"},
+}
+
+
 def ppo_config(method: str, out: Path, paths: dict, b: Budget, seed: int, disable_tqdm: bool, **overrides) -> PPOConfig:
-    """The demo's PPO settings: identical budget for every method; only the preset differs."""
+    """The demo's PPO settings: the same budget for every method, counted in responses: an iteration
+    samples b.rollout_batch_size responses (b.rollout_batch_size / k prompts × k samples each) in the
+    same mini-batches. ``method`` is a preset; ``overrides`` any fields (METHODS, ablation variants)."""
+    k = int(overrides.get("num_samples_per_prompt", 1))
     values = dict(
         model_name_or_path=paths["sft"], reward_model_path=paths["rm"], output_dir=str(out), seed=seed,
-        max_steps=b.ppo_steps, rollout_batch_size=b.rollout_batch_size, num_mini_batches=b.num_mini_batches,
+        max_steps=b.ppo_steps, rollout_batch_size=b.rollout_batch_size // k, num_mini_batches=b.num_mini_batches,
         per_device_train_batch_size=b.rollout_batch_size // b.num_mini_batches,
         generation_batch_size=b.rollout_batch_size, num_ppo_epochs=b.num_ppo_epochs,
         response_length=b.response_length, learning_rate=b.learning_rate, critic_learning_rate=b.critic_learning_rate,
@@ -193,8 +213,17 @@ def ppo_config(method: str, out: Path, paths: dict, b: Budget, seed: int, disabl
     )
     if method == "ppo_max":
         values["critic_pretrain_steps"] = b.critic_pretrain_steps
+    if overrides.get("advantage_estimator", "gae") != "gae":  # no critic: its settings do not apply
+        values.pop("critic_learning_rate")
+        values.pop("critic_pretrain_steps", None)
     values.update(overrides)
     return PPOConfig.from_preset(method, **values)
+
+
+def method_config(name: str, out: Path, paths: dict, b: Budget, seed: int, disable_tqdm: bool) -> PPOConfig:
+    """The PPOConfig of one `--methods` name (METHODS)."""
+    overrides = dict(METHODS[name])
+    return ppo_config(overrides.pop("preset", "ppo_max"), out, paths, b, seed, disable_tqdm, **overrides)
 
 
 def run_method(cfg: PPOConfig, prompts: list[str]) -> list[dict]:
@@ -274,8 +303,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     assets = build_assets(cfg, b)
     methods = [m.strip() for m in cfg.methods.split(",")]
     train_prompts = reviews.prompts(4096, seed=cfg.seed + 10)
-    cfgs = {m: ppo_config(m, out / "runs" / m, assets["paths"], b, cfg.seed, cfg.disable_tqdm) for m in methods}
-    print(f"[demo] PPO ({', '.join(methods)}): {b.ppo_steps} iterations of {b.rollout_batch_size} prompts each",
+    cfgs = {m: method_config(m, out / "runs" / m, assets["paths"], b, cfg.seed, cfg.disable_tqdm) for m in methods}
+    print(f"[demo] PPO ({', '.join(methods)}): {b.ppo_steps} iterations of {b.rollout_batch_size} responses each",
           flush=True)
     runs = run_methods(cfgs, train_prompts, parallel=cfg.parallel)
 
@@ -299,6 +328,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                         smooth=5 if b.ppo_steps >= 50 else 1)
     samples = {m: _stage_samples(out / "runs" / m / "samples.jsonl") for m in methods}
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / "table.txt").write_text(summary_table(summary) + "\n", encoding="utf-8")
     report = write_report(out, "ppomax demo: PPO-max vs vanilla PPO on the embedded reviews task",
                           summary, plots, samples, notes + _asset_notes(assets))
     _print_summary(summary, report)
@@ -422,12 +452,36 @@ def _asset_notes(assets: dict) -> list[str]:
     ]
 
 
-def _print_summary(summary: dict, report: Path) -> None:
-    cols = ["rm_reward", "gold", "gold_peak", "kl", "perplexity", "length", "well_formed", "win_rate_vs_sft"]
-    print("\n" + f"{'method':<10}" + "".join(f"{c:>17}" for c in cols))
+# Column -> decimals of the demo's summary table. KL (nats, up to hundreds) and length (tokens)
+# need one decimal; the others live in about [-3, 10] and need two to separate the methods.
+SUMMARY_TABLE_COLUMNS = {"rm_reward": 2, "gold": 2, "gold_peak": 2, "kl": 1, "perplexity": 2, "length": 1,
+                         "well_formed": 2, "win_rate_vs_sft": 2}
+
+
+def summary_table(summary: dict) -> str:
+    """The summary table the demo prints and writes to ``table.txt``, from summary.json's content.
+
+    One function, so the console, ``table.txt`` and the README's copy (checked by
+    tests/test_readme.py and the slow demo test) cannot differ. A missing or non-finite value
+    (e.g. SFT's gold_peak: SFT has no PPO curve) is "–". Columns are right-aligned, 3 spaces apart.
+    """
+    header = ["method", *SUMMARY_TABLE_COLUMNS]
+    rows = [header]
     for name, m in summary["methods"].items():
-        cells = "".join(f"{m[c]:>17.3f}" if isinstance(m.get(c), float) else f"{'–':>17}" for c in cols)
-        print(f"{name:<10}{cells}")
+        cells = [name]
+        for col, decimals in SUMMARY_TABLE_COLUMNS.items():
+            v = m.get(col)
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            cells.append(f"{v:.{decimals}f}" if ok else "–")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "   ".join([r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:]))]) for r in rows
+    )
+
+
+def _print_summary(summary: dict, report: Path) -> None:
+    print("\n" + summary_table(summary))
     verdict = "holds" if summary["contrast_holds"] else "does NOT hold"
     print(f"\ncontrast (vanilla over-optimises, PPO-max stays aligned) {verdict}; {summary['seconds']:.0f} s")
     print(f"report: {report}")

@@ -134,12 +134,12 @@ def all_gather(x: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def reduce_floats(values: dict[str, float], d: Dist, op: str = "mean") -> dict[str, float]:
-    """Sum or mean of each float over ranks (every rank must pass the same keys in the same order)."""
+    """Sum, mean or max of each float over ranks (every rank must pass the same keys in the same order)."""
     if not d.enabled or not values:
         return values
     keys = list(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    _dist().all_reduce(t)
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX if op == "max" else _dist().ReduceOp.SUM)
     if op == "mean":
         t /= d.world_size
     return dict(zip(keys, t.tolist()))

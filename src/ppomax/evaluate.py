@@ -28,14 +28,26 @@ logger = logging.getLogger("ppomax")
 def sample_responses(
     policy, tokenizer, prompt_ids: list[list[int]], response_length: int, temperature: float = 1.0,
     batch_size: int = 64, ref_policy=None, reward_model=None, seed: int = 0, disable_tqdm: bool = True,
+    top_k: int = 0, top_p: float = 1.0, engine=None,
 ) -> dict[str, Any]:
-    """Sample one response per prompt; return texts and per-response statistics (lists)."""
+    """Sample one response per prompt; return texts and per-response statistics (lists).
+
+    Responses end at any EOS id of the tokenizer and the policy's generation_config. ``nll`` and
+    ``kl`` are under the full temperature-scaled softmax (as in PPO), also when top-k / top-p
+    truncate the sampling. ``engine``: a rollout engine (ppomax.engines) to sample with; default
+    the ``hf`` engine on ``policy``."""
     from ppomax.data import collate_prompts
-    from ppomax.ppo.rollout import generate, response_logprobs, reward_model_scores
+    from ppomax.engines import Sampling
+    from ppomax.engines.hf import HFEngine
+    from ppomax.models import eos_token_ids
+    from ppomax.ppo.rollout import response_logprobs, reward_model_scores
     from ppomax.training import progress
 
     device = next(policy.parameters()).device
     policy.eval()
+    sampling = Sampling(response_length, tuple(eos_token_ids(tokenizer, policy)), tokenizer.pad_token_id,
+                        temperature, top_k, top_p)
+    engine = engine or HFEngine(policy)
     out: dict[str, list] = {k: [] for k in ("prompts", "responses", "truncated", "length", "nll", "kl", "rm")}
     gen_state = torch.get_rng_state()
     torch.manual_seed(seed)  # evaluation sampling must not depend on (or disturb) training RNG
@@ -43,8 +55,8 @@ def sample_responses(
         for s in progress(range(0, len(prompt_ids), batch_size), desc="eval", disable=disable_tqdm):
             batch = collate_prompts(prompt_ids[s : s + batch_size], tokenizer.pad_token_id)
             p_ids, p_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            resp, mask, trunc = generate(policy, p_ids, p_mask, response_length, tokenizer.eos_token_id,
-                                         tokenizer.pad_token_id, temperature)
+            gen = engine.generate(p_ids, p_mask, sampling)
+            resp, mask, trunc = gen.response_ids, gen.mask, gen.truncated
             parts = (p_ids, p_mask, resp, mask)
             logp = response_logprobs(policy, parts, temperature) * mask
             out["nll"] += (-(logp.sum(-1))).tolist()
@@ -126,9 +138,16 @@ def evaluate(cfg) -> dict[str, Any]:
     for m in (policy, ref, rm):
         if m is not None:
             m.eval()
-    kw = dict(response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.batch_size,
+    kw = dict(response_length=cfg.response_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+              batch_size=cfg.batch_size,
               reward_model=rm, seed=cfg.seed, disable_tqdm=cfg.disable_tqdm)
-    s_pol = sample_responses(policy, tokenizer, prompt_ids, ref_policy=ref, **kw)
+    from ppomax.engines import make_engine
+
+    engine = make_engine(cfg, policy, tokenizer)  # the policy's samples: hf, or vLLM with --rollout_engine vllm
+    try:
+        s_pol = sample_responses(policy, tokenizer, prompt_ids, ref_policy=ref, engine=engine, **kw)
+    finally:
+        engine.close()
     result: dict[str, Any] = {"policy": cfg.model_name_or_path}
 
     def judge(s):

@@ -111,6 +111,133 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Log-probs and entropy from the hidden states, chunked over rows (issue #13 item 4): the LM
+# head's (rows, V) logits exist one chunk at a time and are recomputed in the backward pass
+# instead of being kept for it. At V = 49 152 they outweigh everything else a small model's PPO
+# forward keeps for its backward (figures: benchmarks/README.md).
+# ---------------------------------------------------------------------------------------------
+
+CHUNK_LOGITS = 1 << 23  # default chunk: rows · V ≈ 8 M logits (32 MiB in fp32), ~170 rows at V = 49 152
+
+
+def _head_dtypes(hidden: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(matmul dtype, softmax dtype): the matmul runs in what autocast would pick for the LM head's
+    ``linear`` (the hidden states' own dtype without autocast; autocast leaves float64 alone), the
+    logsumexp in float32 at least, as :func:`logprobs_from_logits` casts the logits."""
+    dev = hidden.device.type
+    mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and hidden.dtype != torch.float64 else hidden.dtype
+    return mm, torch.promote_types(mm, torch.float32)
+
+
+def _chunk_logits(h, w, b, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """z = (h Wᵀ + b) / τ for one chunk of rows (n, H) -> (n, V) in ``acc``; w, b already in the matmul dtype."""
+    with torch.autocast(h.device.type, enabled=False):  # the dtypes are chosen by _head_dtypes
+        z = F.linear(h.to(w.dtype), w, b)
+    return z.to(acc).div_(temperature)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Rows (N, H) -> log π(tokens) (N,) [and H(π) (N,)]. Saves hidden, weight, bias, tokens and the
+    per-row logsumexp (and entropy): O(N·H + V·H), never O(N·V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk, with_entropy):
+        mm, acc = _head_dtypes(hidden)
+        w, b = weight.to(mm), (None if bias is None else bias.to(mm))  # one cast per call, not per chunk
+        N = hidden.shape[0]
+        logp, lse = hidden.new_empty(N, dtype=acc), hidden.new_empty(N, dtype=acc)
+        ent = hidden.new_empty(N if with_entropy else 0, dtype=acc)
+        for s in range(0, N, chunk):
+            z = _chunk_logits(hidden[s : s + chunk], w, b, temperature, acc)  # (n, V)
+            lse_c = torch.logsumexp(z, dim=-1)
+            logp[s : s + chunk] = z.gather(-1, tokens[s : s + chunk, None]).squeeze(-1) - lse_c
+            lse[s : s + chunk] = lse_c
+            if with_entropy:  # H = logsumexp(z) − Σ softmax(z)·z, as entropy_from_logits
+                ent[s : s + chunk] = lse_c - (z.sub(lse_c[:, None]).exp_() * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, ent)
+        ctx.temperature, ctx.chunk, ctx.mm = temperature, chunk, mm
+        ctx.set_materialize_grads(False)  # an unused entropy output gets no gradient term at all
+        return (logp, ent) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent=None):
+        hidden, weight, bias, tokens, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_logp is None and grad_ent is None) or not (need_h or need_w or need_b):
+            return (None,) * 7
+        mm, acc, chunk = ctx.mm, lse.dtype, ctx.chunk
+        w, b = weight.to(mm), (None if bias is None else bias.to(mm))
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None  # (V, H) in acc, allocated by the first chunk's product
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            logq = _chunk_logits(h, w, b, ctx.temperature, acc).sub_(lse[s : s + chunk, None])  # log softmax
+            p = logq.exp()
+            # in place throughout: two (n, V) buffers per chunk
+            if grad_ent is not None:  # H = −Σ p log p  =>  ∂H/∂z_j = −p_j (log p_j + H)
+                ent_term = logq.add_(ent[s : s + chunk, None]).mul_(p).mul_(grad_ent[s : s + chunk, None])
+            del logq
+            if grad_logp is not None:  # ∂ log p_a / ∂z_j = 1[j = a] − p_j
+                g = p.mul_(-grad_logp[s : s + chunk, None])
+                g.scatter_add_(-1, tokens[s : s + chunk, None], grad_logp[s : s + chunk, None])
+                if grad_ent is not None:
+                    g.sub_(ent_term)
+            else:
+                g = ent_term.neg_()
+            g = g.div_(ctx.temperature).to(mm)  # z = logits / τ
+            if need_h:
+                grad_h[s : s + chunk] = g @ w
+            if need_w:  # in place when the dtypes allow: a (V, H) temporary per chunk would double the peak
+                if grad_w is None or mm != acc:
+                    part = g.t() @ h.to(mm)
+                    grad_w = part.to(acc) if grad_w is None else grad_w.add_(part)
+                else:
+                    grad_w.addmm_(g.t(), h.to(mm))
+            if need_b:
+                grad_b += g.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax((hidden Wᵀ + b) / τ)[tokens] (and the entropy), without the full-vocabulary logits.
+
+    hidden (..., H), weight (V, H), bias (V,) or None, tokens (...) long -> logp (...) float32
+    [, entropy (...)]. Equal to ``logprobs_from_logits(F.linear(hidden, weight, bias) / τ, tokens)``
+    (and ``entropy_from_logits``) up to float rounding, with gradients w.r.t. hidden, weight and bias,
+    the entropy's included. ``chunk_size`` rows at a time (default: ~``CHUNK_LOGITS`` logits per
+    chunk); the backward recomputes each chunk's logits (one extra head matmul) instead of keeping
+    (rows, V) of them. Under autocast the matmul runs in the autocast dtype, the softmax in float32.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}")
+    if tokens.shape != hidden.shape[:-1]:
+        raise ValueError(f"tokens {tuple(tokens.shape)} must be hidden's shape without H: {tuple(hidden.shape[:-1])}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must be (V,) = ({weight.shape[0]},)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    chunk = chunk_size if chunk_size is not None else max(1, CHUNK_LOGITS // weight.shape[0])
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = tokens.shape
+    out = _ChunkedLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, tokens.reshape(-1),
+                                 float(temperature), int(chunk), bool(with_entropy))
+    if with_entropy:
+        return out[0].view(lead), out[1].view(lead)
+    return out.view(lead)
+
+
+# ---------------------------------------------------------------------------------------------
 # KL to the reference (paper Sec. 5.3.1, Fig. 5 detail 1)
 # ---------------------------------------------------------------------------------------------
 
@@ -185,6 +312,55 @@ def gae(
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# Critic-free advantage estimators (issue #14). ``scores`` (B,) hold k samples of each prompt
+# next to each other: rows [g·k, (g+1)·k) are the group of prompt g.
+# ---------------------------------------------------------------------------------------------
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if scores.dim() != 1 or group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"scores {tuple(scores.shape)} must be (B,) with B divisible by group_size = {group_size}")
+    return scores.view(-1, group_size)  # (B / k, k)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath, Eq. 3 outcome supervision): Â_i = (r_i − mean_g) / (std_g + ε),
+    the same for every token of response i. std_g is the sample (unbiased) std of the group, as in the
+    reference implementations. ``scale=False`` is Dr. GRPO (Liu et al. 2025): Â_i = r_i − mean_g, since
+    dividing by std_g up-weights prompts whose answers barely differ. (B,) -> (B,)."""
+    g = _groups(scores.float(), group_size)
+    if group_size < 2:
+        raise ValueError("grpo_advantages needs group_size >= 2 (one sample has no group baseline)")
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(dim=1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): Â_i = r_i − mean of the other k − 1 rewards of its group, an unbiased
+    leave-one-out baseline. Equal to k/(k−1) · (r_i − mean_g). (B,) -> (B,)."""
+    if group_size < 2:
+        raise ValueError("rloo_advantages needs group_size >= 2 (the baseline is the mean of the others)")
+    g = _groups(scores.float(), group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).flatten()
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): token-level returns G_t = Σ_{s ≥ t} γ^{s−t} r_s of the (KL-shaped) token
+    rewards, whitened over every response token of the batch (global, not per group, which is what
+    separates it from GRPO). rewards, mask (B, T) -> (B, T), zero outside the mask."""
+    rewards = rewards * mask  # right-padded: past a response's end the rewards are 0, so G stays 0 there
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return whiten(returns * mask, mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,14 @@
 Each stage supplies a ``loss_fn(model, batch) -> (loss, stats)`` and an ``evaluate(model)``;
 this loop owns batching, gradient accumulation, the LR schedule, clipping, logging, atomic
 checkpoints and exact resume (model, optimizer, scheduler, RNG, data position).
+
+Reduction (STYLE.md rule 2, the PPO update's rule): a step's loss is the mean over the whole
+global batch (every micro-batch of every rank), not a mean of micro-batch means, so it does not
+depend on how the batch is split. ``units(micro_batch)`` counts a micro-batch's normalisation
+units (``num_tokens``, ``num_pairs``, ...); the loop sums them over the global batch and puts
+the totals into every micro-batch under the same keys. ``loss_fn`` divides its sums by them and
+so returns this micro-batch's *share* of the batch loss; its stats are shares too, and the loop
+adds them up (alone, a batch without totals is its own global batch).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 import torch
 
 from ppomax import checkpoint as ckpt_lib
+from ppomax import compat
 from ppomax.errors import UserError
 from ppomax.training import (
     MetricsLogger,
@@ -34,6 +43,22 @@ from ppomax.training import (
 logger = logging.getLogger("ppomax")
 
 LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]]
+UnitsFn = Callable[[dict], dict[str, torch.Tensor]]
+
+
+def token_units(batch: dict) -> dict[str, torch.Tensor]:
+    """The default units: ``num_tokens``, the labelled next tokens of the micro-batch (the SFT
+    response tokens that ``functional.next_token_nll`` scores)."""
+    return {"num_tokens": (batch["labels"][:, 1:] != -100).sum()}
+
+
+def batch_totals(units: list[dict[str, torch.Tensor]], d: Any) -> dict[str, torch.Tensor]:
+    """Sum each unit over this rank's micro-batches and over all ranks (one all-reduce)."""
+    from ppomax import distributed as dist_lib
+
+    keys = sorted(units[0])
+    local = torch.stack([sum(u[k] for u in units).float() for k in keys])
+    return dict(zip(keys, dist_lib.all_reduce_sum(local, d).unbind()))
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -53,14 +78,18 @@ def run_supervised(
     loss_fn: LossFn,
     evaluate: Callable[[Any], dict[str, float]],
     save_model: Callable[[Any, Path], None],
+    units: UnitsFn = token_units,
 ) -> list[dict]:
-    """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir."""
+    """Train ``model`` on ``train_examples``; write checkpoints and the final model to output_dir.
+
+    ``units``: the normalisers ``loss_fn`` divides by (module docstring); SFT's token count by default.
+    """
     from ppomax import distributed as dist_lib
     from ppomax import sharding
 
     # Data parallel under accelerate launch / torchrun: every rank holds the model, takes its share
     # of each global batch (per_device × accumulation × world), gradients are summed across ranks
-    # with losses weighted by the global batch, so the step equals the one-process step.
+    # with losses divided by the global batch's units, so the step equals the one-process step.
     d = dist_lib.setup()
     device = default_device()
     out = Path(cfg.output_dir)
@@ -70,7 +99,7 @@ def run_supervised(
     dist_lib.barrier(d)
     mode = sharding.resolve_mode(cfg.sharding, d.world_size)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        compat.enable_activation_checkpointing(model)  # the current transformers name, or the older one
     if mode == "none":
         model.to(device)
         dist_lib.broadcast_parameters(model, d)  # a fresh RM head is random on every rank
@@ -129,19 +158,24 @@ def run_supervised(
                 groups = [g for g in groups if len(g) >= d.world_size] or groups[:1]
                 groups_epoch = epoch
             model.train()
-            group = groups[batch_pos]
-            n_items = sum(len(b) for b in group)
-            finite = True
-            for idx in group[d.rank :: d.world_size]:  # this rank's micro-batches of the global batch
-                batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in idx]).items()}
+            # This rank's micro-batches of the global batch, each told the global batch's units
+            # (module docstring): the counts are needed before the first backward.
+            mine = [{k: v.to(device) for k, v in collate([train_examples[i] for i in idx]).items()}
+                    for idx in groups[batch_pos][d.rank :: d.world_size]]
+            totals = batch_totals([units(b) for b in mine], d)
+            finite, step_stats = True, {}
+            for batch in mine:
+                batch.update(totals)
                 with autocast(device, cfg.bf16, cfg.fp16):
                     loss, stats = loss_fn(model, batch)
                 if not torch.isfinite(loss):
                     finite = False
                     break
-                (loss * len(idx) / n_items).backward()  # example-weighted mean over the global group
-                for k, v in stats.items():
-                    running.setdefault(k, []).append(v)
+                loss.backward()  # this micro-batch's share of the global batch loss
+                for k, v in stats.items():  # shares add up to this rank's part of the batch value
+                    step_stats[k] = step_stats.get(k, 0.0) + v
+            for k, v in step_stats.items():
+                running.setdefault(k, []).append(v)
             if dist_lib.all_reduce_sum(torch.tensor(float(not finite)), d) > 0:  # every rank stops together
                 raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")
@@ -160,7 +194,9 @@ def run_supervised(
             if step % cfg.logging_steps == 0 or step == total:
                 row = {"step": step, "epoch": epoch + batch_pos / len(groups), "grad_norm": gn,
                        "lr": scheduler.get_last_lr()[0]}
-                row.update(dist_lib.reduce_floats({f"train/{k}": sum(v) / len(v) for k, v in sorted(running.items())}, d))
+                # per-step values averaged over the logged steps; the ranks' parts of a step add up
+                row.update(dist_lib.reduce_floats({f"train/{k}": sum(v) / len(v) for k, v in sorted(running.items())},
+                                                  d, "sum"))
                 running.clear()
                 if step % cfg.eval_steps == 0 or step == total:
                     row.update({f"eval/{k}": v for k, v in evaluate(model).items()})

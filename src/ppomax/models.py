@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppomax import compat
 from ppomax.errors import UserError
 
 logger = logging.getLogger("ppomax")
@@ -201,6 +202,46 @@ def gather_last(scores: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     return scores.gather(1, last_index.long().unsqueeze(1)).squeeze(1)
 
 
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and those of ``model.generation_config``.
+
+    Chat models (Llama-3, Qwen, SmolLM2-Instruct) list several there, e.g. end of turn and end of
+    text; ``model.generate`` stops at any of them, and so do the rollout and ``ppomax eval``.
+    """
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(gen, "eos_token_id", None)):
+        for i in [source] if isinstance(source, int) else (source or []):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+# Float attributes through which models apply dropout functionally (attention probabilities in the
+# eager / SDPA kernels), next to their nn.Dropout modules.
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_dropout")
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0 (nn.Dropout modules, LoRA's included, and the
+    float rates attention kernels read); return how many were non-zero.
+
+    PPO needs it: rollouts run in eval mode and the update in train mode, so with dropout on, the
+    first mini-batch's ratio π_θ / π_old is not 1 and the clip fires on noise (TRL and OpenRLHF
+    disable dropout in PPO for the same reason). Train mode is kept for gradient checkpointing.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p, n = 0.0, n + 1
+        for attr in _DROPOUT_ATTRS:
+            value = module.__dict__.get(attr)
+            if isinstance(value, float) and value > 0:
+                setattr(module, attr, 0.0)
+                n += 1
+    return n
+
+
 class ScalarHeadModel(nn.Module):
     """A base transformer (``AutoModel``, no LM head) with a linear head giving one score per token.
 
@@ -261,8 +302,8 @@ class ScalarHeadModel(nn.Module):
         """The causal LM head (``lm_head_for_training``, the RM stage's LM term) on hidden states."""
         return self.lm_head_for_training(hidden)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self) -> None:  # what compat.enable_activation_checkpointing calls
+        compat.enable_activation_checkpointing(self.backbone)
 
     @classmethod
     def from_causal_lm_model(cls, causal: nn.Module) -> ScalarHeadModel:
@@ -504,6 +545,7 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
 
 
+@compat.quiet_peft_checkpointing_probe()
 def apply_lora(
     model: Any, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
     target_modules: str | Sequence[str] = "q_proj,k_proj,v_proj,o_proj",
@@ -600,7 +642,8 @@ def load_merged_lora(
     if is_adapter_dir(base):
         raise ModelFormatError(f"{base}: the base of a LoRA adapter must be a full model directory")
     model = _auto_load(AutoModelForCausalLM, base, dtype, trust_remote_code)
-    model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    with compat.quiet_peft_checkpointing_probe():
+        model = peft.PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     return model.merge_and_unload()
 
 

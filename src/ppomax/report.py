@@ -28,6 +28,9 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "reward/raw_p99": ("99th percentile of the raw RM score", "grows a long tail far above p50"),
     "reward/raw_max": ("largest raw RM score in the batch", "outlier scores explode"),
     "reward/raw_std": ("standard deviation of the raw RM scores in the batch", "collapses to ~0: every response gets the same score (one fixed pattern)"),
+    "reward/truncated_mean": ("mean raw RM score of the responses that hit the length cap without EOS (logged when "
+                              "there are any; the score is before missing_eos_penalty)",
+                              "above reward/raw_mean: the RM rates unfinished text highly and PPO can exploit the cap"),
     "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
     "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
     "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
@@ -55,6 +58,13 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),
     "lr/critic": ("critic learning rate (schedule)", "not a collapse signal"),
     "time/generate": ("seconds per iteration spent sampling responses", "grows with response length"),
+    "rollout/logprob_gap_mean": (
+        "--rollout_engine vllm: mean over response tokens of abs(vLLM's sampled-token log-prob − the trainer's log π_old) "
+        "(numerical gap between the two kernels; ~1e-6 in fp32, ~1e-2 in bf16)",
+        "a gap that grows while the policy does not move (lr 0) is a weight-sync bug (allenai/open-instruct#1473)"),
+    "rollout/logprob_gap_max": (
+        "--rollout_engine vllm: the largest such gap over the batch's response tokens",
+        "as rollout/logprob_gap_mean; a few large values point at one layer or token the sync missed"),
     "time/score": ("seconds per iteration in the reward model and gold judge", "not a collapse signal"),
     "time/forward": ("seconds per iteration in policy/reference/critic forward passes", "not a collapse signal"),
     "time/train": ("seconds per iteration in PPO updates", "not a collapse signal"),

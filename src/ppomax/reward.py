@@ -31,17 +31,30 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return r[:B], r[B:], hidden
 
 
+def pair_units(batch: dict) -> dict[str, torch.Tensor]:
+    """Normalisers of a preference micro-batch (``loop.run_supervised`` sums them over the global
+    batch): its pairs, and the labelled tokens of its chosen responses (the first B rows)."""
+    B = batch["input_ids"].shape[0] // 2
+    return {"num_pairs": batch["input_ids"].new_tensor(B), "num_tokens": (batch["labels"][:B, 1:] != -100).sum()}
+
+
 def make_rm_loss(rm_lm_coef: float, lm_head=None):
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         rc, rr, hidden = pair_scores(model, batch)
-        loss = F.pairwise_loss(rc, rr)
-        stats = {"pair_loss": loss.item(), "accuracy": (rc > rr).float().mean().item()}
+        B = rc.shape[0]
+        # Units, so that the loss does not depend on how a batch is split into micro-batches and
+        # ranks: the Bradley-Terry term is a mean over pairs (Eq. 2's expectation over
+        # (x, y_w, y_l); a pair is one comparison whatever its length), the LM term a mean over
+        # chosen-response tokens, as in SFT. The global batch's counts come in the batch
+        # (pair_units); this returns the micro-batch's share, its stats too.
+        share = B / float(batch.get("num_pairs", B))
+        loss = F.pairwise_loss(rc, rr) * share
+        stats = {"pair_loss": loss.item(), "accuracy": (rc > rr).float().mean().item() * share}
         if rm_lm_coef > 0:
-            B = rc.shape[0]
             # LM term on the chosen responses only (the first B rows)
             # through the model's own method when it has the head: a sharded model gathers it there
             logits = model.lm_logits(hidden[:B]) if hasattr(model, "lm_head_for_training") else lm_head(hidden[:B])
-            lm = F.masked_mean(*F.next_token_nll(logits, batch["labels"][:B]))
+            lm = F.masked_mean(*F.next_token_nll(logits, batch["labels"][:B]), num_tokens=batch.get("num_tokens"))
             loss = loss + rm_lm_coef * lm
             stats["lm_loss"] = lm.item()
         stats["loss"] = loss.item()
@@ -100,7 +113,7 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
 
     rows_logged = run_supervised(
         cfg, "rm", model, tokenizer, train_ex, collate, make_rm_loss(cfg.rm_lm_coef, lm_head),
-        lambda m: eval_rm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
+        lambda m: eval_rm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model, units=pair_units,
     )
     final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
     return {"model": model, "metrics": rows_logged, "final": final, "data_stats": stats}

@@ -32,13 +32,18 @@ def split_eval(rows: list, eval_split: float, seed: int) -> tuple[list, list]:
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean NLL of the labelled (response) tokens; (B, L) labels with -100 elsewhere."""
+    """Token-mean NLL of the labelled (response) tokens; (B, L) labels with -100 elsewhere.
+
+    The mean is over every response token of the global batch: ``batch["num_tokens"]`` is its
+    token count (put there by ``loop.run_supervised``), so this returns the micro-batch's share
+    and every token weighs the same however the batch is split. Without it: this batch's mean.
+    """
     from ppomax.models import position_ids_from_mask
 
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
     nll, m = F.next_token_nll(out.logits, batch["labels"])  # (B, L-1)
-    loss = F.masked_mean(nll, m)
+    loss = F.masked_mean(nll, m, num_tokens=batch.get("num_tokens"))
     return loss, {"loss": loss.item()}
 
 

@@ -20,8 +20,9 @@ def _pct(x: torch.Tensor, q: float) -> float:
     return torch.quantile(x.double(), q).item() if x.numel() else float("nan")
 
 
-def experience_metrics(exp) -> dict[str, float]:
-    """Monitors of one experience buffer (before the update)."""
+def experience_metrics(exp, with_critic: bool = True) -> dict[str, float]:
+    """Monitors of one experience buffer (before the update); ``with_critic=False`` (a critic-free
+    estimator) leaves out the value and return statistics."""
     mask = exp.mask
     raw = exp.scores.float()
     lengths = mask.sum(-1)
@@ -39,11 +40,14 @@ def experience_metrics(exp) -> dict[str, float]:
         "response/length_mean": lengths.mean().item(),
         "response/truncated_frac": exp.truncated.float().mean().item(),
     }
+    if exp.truncated.any():  # the RM never saw a response without EOS: is the cap being exploited?
+        m["reward/truncated_mean"] = raw[exp.truncated].mean().item()
     if exp.processed_scores is not None:
         m["reward/processed_mean"] = exp.processed_scores.float().mean().item()
     if exp.advantages is not None:
         m["adv/mean"] = F.masked_mean(exp.advantages, mask).item()
         m["adv/std"] = F.masked_var(exp.advantages, mask).sqrt().item()
+    if exp.advantages is not None and with_critic:
         m["returns/mean"] = F.masked_mean(exp.returns, mask).item()
         m["returns/std"] = F.masked_var(exp.returns, mask).sqrt().item()
         m["critic/explained_variance"] = F.explained_variance(exp.values, exp.returns, mask).item()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
+from ppomax import compat
 from ppomax import functional as F
 from ppomax.models import position_ids_from_mask
 
@@ -48,6 +50,24 @@ class Experience:
     @property
     def attention_mask(self) -> torch.Tensor:  # (B, P + T)
         return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+
+
+def cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
+    """Concatenate rollout chunks whose prompt (left-padded) / response (right-padded) widths differ."""
+    P = max(c[0].shape[1] for c in chunks)
+    T = max(c[2].shape[1] for c in chunks)
+    out = [[] for _ in range(len(chunks[0]))]
+    for c in chunks:
+        p_ids, p_mask, resp, mask, trunc, logp, ref_logp, values, scores = c
+        lp, rt = P - p_ids.shape[1], T - resp.shape[1]
+        out[0].append(torch.nn.functional.pad(p_ids, (lp, 0), value=pad_id))
+        out[1].append(torch.nn.functional.pad(p_mask, (lp, 0), value=0))
+        out[2].append(torch.nn.functional.pad(resp, (0, rt), value=pad_id))
+        for j, x in ((3, mask), (5, logp), (6, ref_logp), (7, values)):
+            out[j].append(torch.nn.functional.pad(x, (0, rt), value=0.0))
+        out[4].append(trunc)
+        out[8].append(scores)
+    return [torch.cat(x, dim=0) for x in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +192,10 @@ def _casting_static_layer(static_layer: type) -> type:
 
 def _decode_step(model, tok, attn, pos, past):
     """One decode step: next-token logits (B, V) for tokens (B, 1) at positions ``pos`` (B, 1)."""
-    return model(input_ids=tok, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True).logits[:, -1, :]
+    # compat.cache_kwargs: `cache=` or `past_key_values=`, whichever this transformers' forward takes (a
+    # constant at trace time)
+    return model(input_ids=tok, attention_mask=attn, position_ids=pos, **compat.cache_kwargs(model, past),
+                 use_cache=True).logits[:, -1, :]
 
 
 _compiled_decode_step = None
@@ -200,13 +223,21 @@ def _forward_takes(cls: type, name: str) -> bool:
         return False
 
 
+def _id_tensor(ids: int | Sequence[int] | None, device) -> torch.Tensor | None:
+    """EOS id(s) as a 1-D long tensor for ``torch.isin``, or None when there is none."""
+    if ids is None:
+        return None
+    ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
+
+
 @torch.no_grad()
 def generate(
     model,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -217,7 +248,12 @@ def generate(
 ) -> tuple[torch.Tensor, ...]:
     """KV-cache sampling loop over a left-padded prompt batch.
 
-    Returns (response_ids (B, T) right-padded with pad, mask (B, T) float, truncated (B,) bool),
+    ``eos_token_id``: one id or several (chat models end a turn and the text with different ids,
+    listed in ``generation_config.eos_token_id``; ``ppomax.models.eos_token_ids`` collects them):
+    a response ends at the first of any of them.
+
+    Returns (response_ids (B, T) right-padded with pad, mask (B, T) float, truncated (B,) bool:
+    no EOS among the sampled tokens),
     and with ``return_logprobs`` also log π(a_t|s_t) (B, T) of the sampled tokens under the full
     temperature-scaled softmax of the sampling logits (what ``response_logprobs`` computes with a
     second forward; equal to float rounding: ~1e-6 in fp32, ~1e-2 under bf16 autocast).
@@ -244,15 +280,16 @@ def generate(
     static_step = _get_compiled_decode_step() if past is not None else None
     if past is None:
         past = _preallocated_kv_cache(model, P + max_new_tokens)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, past_key_values=past,
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, **compat.cache_kwargs(model, past),
                 use_cache=True, **extra)
-    past = out.past_key_values
+    past = compat.output_cache(out)
     next_logits = out.logits[:, -1, :]
     last_pos = pos[:, -1:]
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
-    check_eos = stop_at_eos and eos_token_id is not None
+    eos = _id_tensor(eos_token_id, device)
+    check_eos = stop_at_eos and eos is not None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     ended_with_eos = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
@@ -260,7 +297,7 @@ def generate(
         if check_eos:
             tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
             mask[:, t] = (~finished).float()
-            is_eos = (tok == eos_token_id) & ~finished
+            is_eos = torch.isin(tok, eos) & ~finished
             ended_with_eos |= is_eos
             finished |= is_eos
         tokens[:, t] = tok
@@ -278,11 +315,13 @@ def generate(
             next_logits = static_step(model, tok[:, None], attn, last_pos, past)
             continue
         out = model(input_ids=tok[:, None], attention_mask=attn[:, : P + t + 1], position_ids=last_pos,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    **compat.cache_kwargs(model, past), use_cache=True)
+        past = compat.output_cache(out)
         next_logits = out.logits[:, -1, :]
     if not check_eos:
         mask.fill_(1.0)
+        if eos is not None:  # every response runs to the cap; truncated still means "no EOS in it"
+            ended_with_eos = torch.isin(tokens, eos).any(dim=1)
     truncated = ~ended_with_eos
     if logps is not None:
         return tokens, mask, truncated, logps
@@ -307,13 +346,92 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, mask) -> torch
     return out.logits[:, -(T + 1) : -1, :]
 
 
-def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: bool = False, entropy_grad: bool = True):
+# Causal LMs whose forward is exactly ``lm_head(<decoder>(...).last_hidden_state)`` with a plain
+# ``nn.Linear`` head (transformers 5.x modeling code, read for each): the attribute holding the
+# decoder. Anything else (softcapped or scaled logits: Gemma 2, Cohere; unknown classes) runs the
+# full causal LM.
+_HEAD_ON_HIDDEN = {
+    ("transformers.models.llama.modeling_llama", "LlamaForCausalLM"): "model",  # SmolLM2 too
+    ("transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM"): "model",
+    ("transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM"): "model",
+    ("transformers.models.mistral.modeling_mistral", "MistralForCausalLM"): "model",
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel"): "transformer",
+}
+
+
+def _decoder_and_head(model):
+    """(decoder, lm_head) when log π can be computed from the decoder's last hidden states with
+    :func:`ppomax.functional.chunked_logprobs` and equal the full forward's, else None.
+
+    None (the plain path) for: a trace by torch.compile (``maybe_compile``: dynamo would have to
+    trace a Python chunk loop inside a custom autograd Function; the compiled graph fuses the head
+    its own way), a peft wrapper other than LoRA, a class not in ``_HEAD_ON_HIDDEN`` (this also
+    catches FSDP2's ``FSDP<Name>`` classes and DDP-style wrappers, whose forward does work that
+    calling the decoder would skip), softcapped / scaled logits, a head that is not a plain
+    ``nn.Linear`` (LoRA or ``modules_to_save`` on the head, quantised layers), a weight that is not
+    a plain parameter (DTensor shards), and forward hooks on the model or the head (accelerate
+    offloading, user hooks), which calling ``lm_head.weight`` directly would bypass.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    from ppomax.models import is_peft_model
+
+    base = model
+    if is_peft_model(model):
+        cfg = model.active_peft_config
+        if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA" or cfg.is_prompt_learning:
+            return None
+        base = model.get_base_model()
+    attr = _HEAD_ON_HIDDEN.get((type(base).__module__, type(base).__qualname__))
+    if attr is None:
+        return None
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    head, decoder = base.get_output_embeddings(), getattr(base, attr, None)
+    if type(head) is not torch.nn.Linear or decoder is None or type(head.weight) is not torch.nn.Parameter:
+        return None
+    if head.weight.shape != (head.out_features, head.in_features):  # a tied weight resized behind the head's back
+        return None
+    for m in {id(x): x for x in (model, base, head)}.values():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            return None
+    return decoder, head
+
+
+def _response_hidden(decoder, prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) at the positions predicting each response token
+    (P−1 … P+T−2), with the inputs and position ids of :func:`response_logits`."""
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attn = torch.cat([prompt_mask, mask.long()], dim=1)
+    out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    return out.last_hidden_state[:, P - 1 : P + T - 1]
+
+
+def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: bool = False, entropy_grad: bool = True,
+                      chunked: bool = True):
     """log π(a_t|s_t) (B, T) at ``temperature`` (and the entropy (B, T) if asked).
 
     ``entropy_grad=False`` computes the entropy as a detached statistic (no full-vocabulary
     softmax kept for the backward pass), for when no entropy bonus enters the loss.
+
+    ``chunked`` (issue #13): for the architectures of ``_HEAD_ON_HIDDEN`` (see
+    ``_decoder_and_head``) the LM head runs inside :func:`ppomax.functional.chunked_logprobs` on
+    the decoder's hidden states, so neither this forward nor its backward keeps the (B, T, V)
+    logits; the values and gradients equal the plain path's to float rounding. ``chunked=False``
+    (and every other model) runs the full causal LM and the log-softmax on its logits.
     """
     prompt_ids, prompt_mask, response_ids, mask = exp_or_parts
+    found = _decoder_and_head(model) if chunked else None
+    if found is not None:
+        decoder, head = found
+        hidden = _response_hidden(decoder, prompt_ids, prompt_mask, response_ids, mask)
+        out = F.chunked_logprobs(hidden, head.weight, response_ids, temperature, bias=head.bias,
+                                 with_entropy=with_entropy)
+        if with_entropy and not entropy_grad:
+            return out[0], out[1].detach()
+        return out
     logits = response_logits(model, prompt_ids, prompt_mask, response_ids, mask) / temperature
     logp = F.logprobs_from_logits(logits, response_ids)
     if with_entropy:

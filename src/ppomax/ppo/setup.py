@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ppomax import compat, sharding
 from ppomax import distributed as dist_lib
-from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.errors import UserError
 
@@ -108,6 +108,10 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
             ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
         if reward_model is None and with_reward_model:
             reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+    if not cfg.uses_critic:  # grpo / rloo / reinforce_pp: no value function is loaded or trained
+        if critic is not None:
+            raise ConfigError(f"advantage_estimator = {cfg.advantage_estimator!r} trains no critic; do not pass critic=")
+        return policy, ref_policy, reward_model, None
     with M.skeleton_loading(skeleton_trained):
         critic = _load_critic(cfg, critic)
     if cfg.critic_use_peft:
@@ -146,11 +150,12 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
     for frozen in (ref_policy, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
+    trained = [m for m in (policy, critic) if m is not None]  # no critic with a critic-free estimator
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        critic.gradient_checkpointing_enable()
+        for m in trained:
+            compat.enable_activation_checkpointing(m)  # the current transformers name, or the older one
     if dist.enabled and mode == "none":  # data parallel: identical trained models (fresh heads, LoRA)
-        for m in (policy, critic):
+        for m in trained:
             dist_lib.broadcast_parameters(m, dist)
     for m, trainable in roles:  # FSDP2 (sharding.py): each rank's shards come from rank 0's copy
         if m is not None and sharding.shards(mode, trainable):

@@ -26,12 +26,14 @@ from ppomax import distributed as dist_lib
 from ppomax import functional as F
 from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
+from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
-from ppomax.ppo import setup
+from ppomax.ppo import advantages, setup
+from ppomax.ppo import state as run_state
 from ppomax.ppo.monitors import CollapseGuard, experience_metrics
 from ppomax.ppo.rollout import (
     Experience,
-    generate,
+    cat_padded,
     maybe_compile,
     response_logprobs,
     response_values,
@@ -43,13 +45,11 @@ from ppomax.training import (
     RankMetrics,
     autocast,
     default_device,
-    load_scheduler_state,
     make_optimizer,
     make_scheduler,
     prepare_output_dir,
     progress,
     reduce_and_clip,
-    scheduler_state,
     set_seed,
     truncate_jsonl,
 )
@@ -125,7 +125,6 @@ class PPOTrainer:
         self.prompt_ids = setup.load_prompt_ids(cfg, tokenizer, prompts)
         self.ptx_examples = setup.load_ptx_examples(cfg, tokenizer, ptx_rows)
         self.pad_id = tokenizer.pad_token_id
-        self.eos_id = tokenizer.eos_token_id
 
         # ---- models: loaded (LoRA applied), placed on the device or sharded --------------------
         # Sharded runs: ranks > 0 build the sharded models without weights and get them from rank 0,
@@ -134,17 +133,26 @@ class PPOTrainer:
         self.policy, self.ref_policy, self.reward_model, self.critic = setup.load_models(
             cfg, policy, ref_policy, reward_model, critic, with_reward_model=reward_fn is None,
             skeleton_trained=later_rank, skeleton_frozen=later_rank and sharding.shards(self.sharding, False))
+        # A response ends at any EOS id: chat models list end-of-turn and end-of-text in generation_config.
+        self.eos_ids = M.eos_token_ids(tokenizer, self.policy)
+        self.sampling = Sampling(cfg.response_length, tuple(self.eos_ids), self.pad_id, cfg.temperature, cfg.top_k,
+                                 cfg.top_p, cfg.stop_at_eos)
+        if cfg.disable_dropout:  # ratio exactly 1 on the first mini-batch (see PPOConfig.disable_dropout)
+            for m in (self.policy, self.critic, self.ref_policy, self.reward_model):
+                if m is not None:
+                    M.disable_dropout(m)
         setup.place_models(cfg, self.policy, self.critic, self.ref_policy, self.reward_model, self.dist,
                            self.sharding, self.device)
+        self.engine = make_engine(cfg, self.policy, tokenizer)  # samples the rollouts (ppomax.engines)
 
         # ---- optimisation state --------------------------------------------------------------
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.policy_opt = make_optimizer(self.policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas, fused=True)
-        self.critic_opt = make_optimizer(self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas,
-                                         fused=True)
+        self.critic_opt = None if self.critic is None else make_optimizer(
+            self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas, fused=True)
         self.policy_sched = make_scheduler(self.policy_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps)
-        self.critic_sched = make_scheduler(self.critic_opt, cfg.lr_scheduler_type, cfg.warmup_ratio,
-                                           cfg.max_steps + cfg.critic_pretrain_steps)
+        self.critic_sched = None if self.critic is None else make_scheduler(
+            self.critic_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps + cfg.critic_pretrain_steps)
         self.score_moments = F.RunningMoments()
         self.kl_ctl = F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
@@ -237,14 +245,16 @@ class PPOTrainer:
         finite = self._all_ranks(bool(torch.isfinite(exp.scores).all()))
         if not finite:
             row.update(self._skip("non-finite reward scores"))
-            row.update(experience_metrics(exp))
+            row.update(experience_metrics(exp, self.critic is not None))
             return row
+        moments = self.score_moments.state_dict()  # a skipped iteration leaves them as they were
         self.compute_advantages(exp)
         if not self._all_ranks(bool(torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all())):
+            self.score_moments.load_state_dict(moments)
             row.update(self._skip("non-finite advantages or returns"))
-            row.update(experience_metrics(exp))
+            row.update(experience_metrics(exp, self.critic is not None))
             return row
-        row.update(experience_metrics(exp))
+        row.update(experience_metrics(exp, self.critic is not None))
         row["kl/coef"] = self.kl_coef
         if self.gold_fn is not None:
             row.update(self._gold_metrics(exp))
@@ -253,9 +263,13 @@ class PPOTrainer:
         row["time/train"] = time.perf_counter() - t1
         row.update(stats)
         row = self._reduce_row(row)
-        if self.kl_ctl is not None and train_policy:
-            self.kl_ctl.update(row["kl/ref"], exp.scores.numel() * self.dist.world_size)
-            self.kl_coef = self.kl_ctl.value
+        if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move
+            self.score_moments.load_state_dict(moments)
+        elif train_policy:
+            self.engine.sync(self.policy)  # the next rollout samples from the updated policy
+            if self.kl_ctl is not None:
+                self.kl_ctl.update(row["kl/ref"], exp.scores.numel() * self.dist.world_size)
+                self.kl_coef = self.kl_ctl.value
         row["time/iteration"] = time.perf_counter() - t0
         n_tokens = exp.mask.sum().item() + exp.prompt_mask.sum().item()
         row["tokens_per_s"] = n_tokens / max(row["time/iteration"], 1e-9)
@@ -272,25 +286,24 @@ class PPOTrainer:
         cfg = self.cfg
         idx = self.sampler.take(cfg.rollout_batch_size)  # the same global sample on every rank
         n = len(idx) // self.dist.world_size
-        idx = idx[self.dist.rank * n : (self.dist.rank + 1) * n]  # this rank's slice
+        idx = idx[self.dist.rank * n : (self.dist.rank + 1) * n]  # this rank's slice: whole prompt groups
+        idx = [i for i in idx for _ in range(cfg.num_samples_per_prompt)]  # k samples per prompt, contiguous
         batch = collate_prompts([self.prompt_ids[i] for i in idx], self.pad_id)
         prompt_ids, prompt_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         timings = {"time/generate": 0.0, "time/score": 0.0, "time/forward": 0.0}
         chunks = []
         self.policy.eval()
-        self.critic.eval()
         # log π_old from the sampling logits saves a policy forward; in fp32 they match it to ~1e-6,
         # under autocast to ~1e-2, so 'auto' recomputes there (then the first ratio is exactly 1).
-        gen_logp = cfg.rollout_logprobs == "generate" or (cfg.rollout_logprobs == "auto" and not (cfg.bf16 or cfg.fp16))
+        # vLLM's kernels differ numerically from the trainer's: 'auto' means forward there (issue #12)
+        vllm, gaps = self.engine.name == "vllm", []
+        gen_logp = cfg.rollout_logprobs == "generate" or (cfg.vllm_logprobs_as_old if vllm else (
+            cfg.rollout_logprobs == "auto" and not (cfg.bf16 or cfg.fp16)))
         for s in range(0, len(idx), cfg.generation_batch_size):
             p_ids, p_mask = prompt_ids[s : s + cfg.generation_batch_size], prompt_mask[s : s + cfg.generation_batch_size]
             t = time.perf_counter()
-            with autocast(self.device, cfg.bf16, cfg.fp16), sharding.gathered(self.policy):
-                resp, mask, truncated, *gen_out = generate(
-                    self.policy, p_ids, p_mask, cfg.response_length, self.eos_id, self.pad_id,
-                    cfg.temperature, cfg.top_k, cfg.top_p, stop_at_eos=cfg.stop_at_eos, return_logprobs=gen_logp,
-                    compile=cfg.torch_compile,
-                )
+            gen = self.engine.generate(p_ids, p_mask, self.sampling, return_logprobs=gen_logp or vllm)
+            resp, mask, truncated = gen.response_ids, gen.mask, gen.truncated
             timings["time/generate"] += time.perf_counter() - t
             t = time.perf_counter()
             scores = self._score(p_ids, p_mask, resp, mask)
@@ -299,14 +312,19 @@ class PPOTrainer:
             parts = (p_ids, p_mask, resp, mask)
             with autocast(self.device, cfg.bf16, cfg.fp16):
                 if gen_logp:
-                    logp = gen_out[0]
+                    logp = gen.logprobs
                 else:
                     logp = self._in_chunks(lambda *x: self._logprobs(self.policy, x, cfg.temperature), parts)
                 ref_logp = self._in_chunks(lambda *x: self._ref_logprobs(x), parts)
-                values = self._in_chunks(lambda *x: self._values(self.critic, *x), parts)
+                values = (self._in_chunks(lambda *x: self._values(self.critic.eval(), *x), parts)
+                          if self.critic is not None else torch.zeros_like(mask))  # critic-free: no baseline
             timings["time/forward"] += time.perf_counter() - t
+            if vllm and not gen_logp:  # |vLLM − trainer| log π_old on response tokens (docs/metrics.md)
+                gaps.append((gen.logprobs - logp.float()).abs()[mask.bool()])
             chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
-        exp = Experience(*_cat_padded(chunks, self.pad_id))
+        exp = Experience(*cat_padded(chunks, self.pad_id))
+        if gaps and (g := torch.cat(gaps)).numel():
+            timings.update({"rollout/logprob_gap_mean": g.mean().item(), "rollout/logprob_gap_max": g.max().item()})
         return exp, timings
 
     def _in_chunks(self, fn, parts) -> torch.Tensor:
@@ -347,28 +365,15 @@ class PPOTrainer:
         return prompts, responses
 
     def compute_advantages(self, exp: Experience) -> None:
-        """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and GAE (Eq. 12-13), in place."""
+        """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and the advantage estimator, in place."""
         cfg = self.cfg
-        scores = exp.scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * exp.truncated.float()
+        penalised = advantages.penalise_missing_eos(cfg, exp.scores, exp.truncated)
         # Running moments over every score seen so far (Eq. 18: μ, σ of the history).
-        self.score_moments.update(dist_lib.all_gather(scores, self.dist))  # every rank's scores
-        if cfg.reward_normalize:
-            scores = F.normalize_and_clip(scores, self.score_moments.mean, self.score_moments.std, cfg.reward_clip)
-        elif cfg.reward_scaling:
-            scores = F.scale_rewards(scores, self.score_moments.std)
-            if cfg.reward_clip is not None:
-                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        elif cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        exp.processed_scores = scores
+        self.score_moments.update(dist_lib.all_gather(penalised, self.dist))  # every rank's scores
+        exp.processed_scores = advantages.normalize_scores(cfg, penalised, self.score_moments)
         exp.kl = F.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
-        rewards = F.shape_rewards(scores, exp.kl, exp.mask, self.kl_coef)
-        if cfg.whiten_rewards:
-            rewards = F.whiten(rewards, exp.mask, shift_mean=False)
-        exp.rewards = rewards
-        exp.advantages, exp.returns = F.gae(rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
+        exp.rewards, exp.advantages, exp.returns = advantages.estimate(
+            cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef)
 
     # =========================================================================================
     # Update
@@ -381,25 +386,31 @@ class PPOTrainer:
         mini = min(cfg.mini_batch_size // self.dist.world_size, B)  # this rank's part of a mini-batch
         micro = min(cfg.per_device_train_batch_size, mini)
         self.policy.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         acc: dict[str, list[float]] = {}
+        self._applied_steps = 0  # optimizer steps not skipped (counted in _optimizer_step)
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(B, device=self.device)
             for s in range(0, B, mini):
                 mb = exp.index(perm[s : s + mini])
                 adv = mb.advantages
-                if cfg.whiten_advantages:  # per mini-batch (Sec. 5.3.1, detail 6)
+                if cfg.whiten_advantages and cfg.uses_critic:  # per mini-batch (Sec. 5.3.1, detail 6);
+                    # the critic-free estimators are normalised already, per group or over the batch
                     adv = dist_lib.whiten(adv, mb.mask, self.dist)  # moments over the whole mini-batch
                 if cfg.advantage_clip is not None:
                     adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
                 # Token losses are divided by the mini-batch's token count over all ranks and the
                 # gradients summed (dist_lib.sum_gradients): exactly the one-process mini-batch mean.
                 n_tok = dist_lib.all_reduce_sum(mb.mask.sum(), self.dist)
+                # token_sum (Dr. GRPO): a constant divisor, responses × response_length, not the token count
+                norm = (n_tok if cfg.loss_reduction == "token_mean" else
+                        dist_lib.all_reduce_sum(torch.tensor(float(mb.scores.numel())), self.dist) * cfg.response_length)
                 mb_stats: dict[str, float] = {}
                 for m0 in range(0, mb.scores.numel(), micro):
                     sl = slice(m0, m0 + micro)
                     sub = mb.index(torch.arange(mb.scores.numel(), device=self.device)[sl])
-                    st = self._micro_step(sub, adv[sl], n_tok, train_policy)
+                    st = self._micro_step(sub, adv[sl], norm, train_policy)
                     # micro-batch token means, weighted by token share -> the mini-batch token mean
                     # (logged values do not depend on per_device_train_batch_size)
                     w = (sub.mask.sum() / n_tok).item()
@@ -412,19 +423,25 @@ class PPOTrainer:
                         acc.setdefault(k, []).append(v)
                 for k, v in self._optimizer_step(train_policy).items():
                     acc.setdefault(k, []).append(v)
-        self.critic_sched.step()
-        if train_policy:
-            self.policy_sched.step()
+        if self._applied_steps:  # the LR schedules count iterations whose update was applied
+            if self.critic is not None:
+                self.critic_sched.step()
+            if train_policy:
+                self.policy_sched.step()
         causes = acc.pop("skip_cause", [])
         out = {k: float(sum(v) / len(v)) for k, v in acc.items()}
         if causes:
             out["skip_cause"] = "; ".join(dict.fromkeys(causes))
         out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
-        out["lr/critic"] = self.critic_sched.get_last_lr()[0]
+        if self.critic is not None:
+            out["lr/critic"] = self.critic_sched.get_last_lr()[0]
         return out
 
-    def _micro_step(self, mb: Experience, adv: torch.Tensor, n_tok: torch.Tensor, train_policy: bool) -> dict[str, float]:
+    def _micro_step(self, mb: Experience, adv: torch.Tensor, norm: torch.Tensor, train_policy: bool) -> dict[str, float]:
+        """Backward of one micro-batch; token losses are divided by ``norm`` (the mini-batch's token count,
+        or its constant for token_sum), so the micro-batches add up to the mini-batch loss."""
         cfg = self.cfg
+        share = (mb.mask.sum() / norm).item()  # a loss / share is this micro-batch's token mean (logged)
         parts = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask)
         stats = {}
         if train_policy:
@@ -433,18 +450,22 @@ class PPOTrainer:
                                                   entropy_grad=cfg.entropy_coef > 0)
             # Sec. 5.3.2 "importance sampling fixed to the reference": ρ = π_θ / π_ref.
             old = mb.ref_logprobs if cfg.importance_sampling_ref else mb.logprobs
-            pg_loss, pst = F.policy_loss(logp, old, adv, mb.mask, cfg.cliprange, num_tokens=n_tok)
-            ent = F.masked_mean(entropy, mb.mask, num_tokens=n_tok)
+            pg_loss, pst = F.policy_loss(logp, old, adv, mb.mask, cfg.cliprange, num_tokens=norm)
+            ent = F.masked_mean(entropy, mb.mask, num_tokens=norm)
             loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else pg_loss
+            if not cfg.kl_in_reward:  # GRPO's KL term: η · k3 estimate of KL(π_θ‖π_ref) in the loss
+                kl_loss = F.masked_mean(F.kl_penalty(logp, mb.ref_logprobs, "k3"), mb.mask, num_tokens=norm)
+                loss = loss + self.kl_coef * kl_loss
+                stats["policy/kl_loss"] = kl_loss.item() / max(share, 1e-9)
             self._backward(loss, "policy loss")
-            share = mb.mask.sum() / n_tok  # this micro-batch's share of the mini-batch tokens
-            stats.update({"policy/loss": pg_loss.item() / max(share.item(), 1e-9), "policy/clipfrac": pst.clipfrac.item(),
-                          "policy/approx_kl": pst.approx_kl.item(), "policy/entropy": ent.item() / max(share.item(), 1e-9)})
+            stats.update({"policy/loss": pg_loss.item() / max(share, 1e-9), "policy/clipfrac": pst.clipfrac.item(),
+                          "policy/approx_kl": pst.approx_kl.item(), "policy/entropy": ent.item() / max(share, 1e-9)})
+        if self.critic is None:  # a critic-free estimator
+            return stats
         with autocast(self.device, cfg.bf16, cfg.fp16):
             values = self._values(self.critic, *parts).float()
-        v_loss, vst = F.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value, num_tokens=n_tok)
+        v_loss, vst = F.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value, num_tokens=norm)
         self._backward(cfg.vf_coef * v_loss, "value loss")
-        share = (mb.mask.sum() / n_tok).item()
         stats.update({"critic/value_loss": v_loss.item() / max(share, 1e-9), "critic/clipfrac": vst.clipfrac.item()})
         return stats
 
@@ -473,7 +494,8 @@ class PPOTrainer:
         if not self.dist.enabled:
             return row
         nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        return {**row, **dist_lib.reduce_floats(nums, self.dist, "mean")}
+        maxima = {k: nums.pop(k) for k in list(nums) if k.endswith("_max")}  # e.g. rollout/logprob_gap_max
+        return {**row, **dist_lib.reduce_floats(nums, self.dist, "mean"), **dist_lib.reduce_floats(maxima, self.dist, "max")}
 
     def _backward(self, loss: torch.Tensor, name: str) -> None:
         """Backward a finite loss; a NaN/inf one is recorded and skips the coming optimizer step."""
@@ -486,7 +508,7 @@ class PPOTrainer:
         """Clip, check for non-finite gradients, step. A non-finite update is skipped, not applied."""
         cfg = self.cfg
         stats = {}
-        models = [("critic", self.critic, self.critic_opt)]
+        models = [("critic", self.critic, self.critic_opt)] if self.critic is not None else []
         if train_policy:
             models.insert(0, ("policy", self.policy, self.policy_opt))
         norms = {}
@@ -504,6 +526,7 @@ class PPOTrainer:
             stats.update(self._skip("; ".join(causes)))
         else:
             self.consecutive_skips = 0
+            self._applied_steps += 1
             for _, _, opt in models:
                 opt.step()
         for _, _, opt in models:
@@ -586,51 +609,13 @@ class PPOTrainer:
     # =========================================================================================
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "stage": "ppo",
-            "iteration": self.iteration,
-            "kl_coef": self.kl_coef,
-            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
-            "score_moments": self.score_moments.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "ptx_sampler": self.ptx_sampler.state_dict() if self.ptx_sampler else None,
-            "policy_sched": scheduler_state(self.policy_sched),
-            "critic_sched": scheduler_state(self.critic_sched),
-            "guard": self.guard.state_dict(),
-            "consecutive_skips": self.consecutive_skips,
-            "last_healthy": self.last_healthy,
-            "model_signature": self._signature(),
-        }
-
-    def _signature(self) -> dict[str, Any]:
-        pc = self.policy.config
-        return {"policy": [sharding.class_name(self.policy), pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
-                "n_params": sum(p.numel() for p in self.policy.parameters())}
+        """Everything but the weights, optimizer and RNG states that resume needs (ppo/state.py)."""
+        return run_state.state_dict(self)
 
     def save(self) -> Path | None:
         """Write checkpoint-<iteration>; refused (None, warning) when a model holds NaN/inf weights,
         so the newest checkpoint on disk is always a finite one."""
-        bad = self._nonfinite_weights()
-        if bad:
-            logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
-                           "on disk stays the newest good one)", self.iteration, " and ".join(bad))
-            return None
-        models = {"policy": self.policy, "critic": self.critic}
-        opts = {"policy": self.policy_opt, "critic": self.critic_opt}
-        if self.sharding != "none":  # every rank takes part in gathering; rank 0 writes the whole
-            opts = {k: sharding.GatheredOptimizer(models[k], o) for k, o in opts.items()}
-            models = {k: sharding.GatheredModel(m) for k, m in models.items()}
-        rank_rng = dist_lib.gather_rng_states(self.dist)  # each rank's sampling stream, for exact resume
-        if not self.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
-            dist_lib.barrier(self.dist)
-            return self.out / f"checkpoint-{self.iteration}"
-        path = ckpt_lib.save_checkpoint(
-            self.out, self.iteration, models, opts, self.state_dict(),
-            tokenizer=self.tokenizer, save_total_limit=self.cfg.save_total_limit,
-            keep=(self.last_healthy,) if self.last_healthy else (), rank_rng=rank_rng,
-        )
-        dist_lib.barrier(self.dist)
-        return path
+        return run_state.save(self)
 
     def _save(self, healthy: bool) -> None:
         """Save; a healthy checkpoint (no collapse signal) becomes the rollback target, recorded
@@ -643,58 +628,8 @@ class PPOTrainer:
 
     def _nonfinite_weights(self) -> list[str]:
         """The trained models ('policy', 'critic') holding a NaN or inf parameter."""
-        bad = []
-        for name, model in (("policy", self.policy), ("critic", self.critic)):
-            ok = sharding.all_finite(model)  # one device sync per model (this rank's shards)
-            if not (self._all_ranks(ok) if self.sharding != "none" else ok):
-                bad.append(name)
-        return bad
+        return run_state.nonfinite_weights(self)
 
     def _load(self, path: Path, restore_rng: bool = True) -> None:
-        from ppomax import models as M
-
-        state = ckpt_lib.load_state(path)
-        if state.get("stage", "ppo") != "ppo":
-            raise ckpt_lib.CheckpointError(f"{path} is a {state['stage']} checkpoint, not ppo")
-        if state.get("model_signature") != self._signature():
-            raise ckpt_lib.CheckpointError(f"{path} was written for a different model "
-                                           f"({state.get('model_signature')} vs {self._signature()})")
-        M.load_weights_into(self.policy, path / "policy")
-        M.load_weights_into(self.critic, path / "critic")
-        ckpt_lib.load_optimizer(path, "policy", self.policy_opt, self.policy)
-        ckpt_lib.load_optimizer(path, "critic", self.critic_opt, self.critic)
-        load_scheduler_state(self.policy_sched, state["policy_sched"])
-        load_scheduler_state(self.critic_sched, state["critic_sched"])
-        self.iteration = int(state["iteration"])
-        self.kl_coef = float(state["kl_coef"])
-        if self.kl_ctl is not None and state.get("kl_ctl"):
-            self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.score_moments.load_state_dict(state["score_moments"])
-        self.sampler.load_state_dict(state["sampler"])
-        if self.ptx_sampler is not None and state.get("ptx_sampler"):
-            self.ptx_sampler.load_state_dict(state["ptx_sampler"])
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.consecutive_skips = int(state.get("consecutive_skips", 0))
-        self.last_healthy = state.get("last_healthy")
-        if restore_rng:
-            if not ckpt_lib.restore_rng(path, state, self.dist.rank):  # no state of this rank stored:
-                set_seed(self.cfg.seed + self.dist.rank + 100003 * self.iteration)  # a distinct stream per rank
-        logger.info("resumed from %s at iteration %d", path, self.iteration)
-
-
-def _cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
-    """Concatenate rollout chunks whose prompt (left-padded) / response (right-padded) widths differ."""
-    P = max(c[0].shape[1] for c in chunks)
-    T = max(c[2].shape[1] for c in chunks)
-    out = [[] for _ in range(len(chunks[0]))]
-    for c in chunks:
-        p_ids, p_mask, resp, mask, trunc, logp, ref_logp, values, scores = c
-        lp, rt = P - p_ids.shape[1], T - resp.shape[1]
-        out[0].append(torch.nn.functional.pad(p_ids, (lp, 0), value=pad_id))
-        out[1].append(torch.nn.functional.pad(p_mask, (lp, 0), value=0))
-        out[2].append(torch.nn.functional.pad(resp, (0, rt), value=pad_id))
-        for j, x in ((3, mask), (5, logp), (6, ref_logp), (7, values)):
-            out[j].append(torch.nn.functional.pad(x, (0, rt), value=0.0))
-        out[4].append(trunc)
-        out[8].append(scores)
-    return [torch.cat(x, dim=0) for x in out]
+        """Restore the run from checkpoint ``path`` (resume; rollback keeps the RNG streams going)."""
+        run_state.load(self, path, restore_rng)

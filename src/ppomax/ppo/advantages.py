@@ -1,0 +1,67 @@
+"""The advantage estimator, picked by name in this one place (PPOConfig.advantage_estimator).
+
+Input: the processed scores r̃ (B,) (after the missing-EOS penalty, normalisation and clipping of
+Eq. 18), the per-token KL estimate to π_ref (B, T), the response mask (B, T) and, for GAE, the
+critic's values (B, T). The k samples of a prompt are contiguous rows (PPOConfig.num_samples_per_prompt).
+
+- ``gae`` (PPO-max): token rewards −η·KL_t with r̃ at the last token (Sec. 5.3.1), then GAE
+  (Eq. 12–13) against the critic.
+- ``reinforce_pp`` (REINFORCE++, Hu 2025): the same token rewards, returns with γ, whitened over
+  the batch.
+- ``grpo`` (Shao et al. 2024) / Dr. GRPO (Liu et al. 2025) and ``rloo`` (Ahmadian et al. 2024): one
+  sequence reward r̃ − η·Σ_t KL_t per response, a baseline from the other samples of its prompt,
+  the same advantage on every token.
+
+With ``kl_in_reward`` off, η enters none of these (the trainer adds η·k3 to the policy loss instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ppomax import functional as F
+from ppomax.config import PPOConfig
+
+
+def penalise_missing_eos(cfg: PPOConfig, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """Raw scores (B,) minus ``missing_eos_penalty`` on responses without EOS (the RM never saw one)."""
+    if cfg.missing_eos_penalty is None:
+        return scores.clone()
+    return scores - cfg.missing_eos_penalty * truncated.float()
+
+
+def normalize_scores(cfg: PPOConfig, scores: torch.Tensor, moments: F.RunningMoments) -> torch.Tensor:
+    """r̃ (B,): Eq. 18 normalisation with the running moments of every score so far and clipping to
+    [−δ, δ] (PPO-max), or scaling by the running std, or clipping alone, as the config says."""
+    if cfg.reward_normalize:
+        return F.normalize_and_clip(scores, moments.mean, moments.std, cfg.reward_clip)
+    if cfg.reward_scaling:
+        scores = F.scale_rewards(scores, moments.std)
+    return scores.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip is not None else scores
+
+
+def estimate(cfg: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+             values: torch.Tensor | None, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token rewards (B, T), advantages Â (B, T), returns (B, T)); critic-free estimators return Â as
+    the returns (there is no value target)."""
+    eta = kl_coef if cfg.kl_in_reward else 0.0
+    rewards = F.shape_rewards(scores, kl, mask, eta)
+    if cfg.whiten_rewards:
+        rewards = F.whiten(rewards, mask, shift_mean=False)
+    est = cfg.advantage_estimator
+    if est == "gae":
+        advantages, returns = F.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return rewards, advantages, returns
+    if est == "reinforce_pp":
+        advantages = F.reinforce_pp_advantages(rewards, mask, cfg.gamma)
+        return rewards, advantages, advantages
+    seq_reward = F.masked_sum(rewards, mask, dim=-1)  # r̃ − η·Σ_t KL_t (rewards are 0 off the mask)
+    k = cfg.num_samples_per_prompt
+    if est == "grpo":
+        per_response = F.grpo_advantages(seq_reward, k, scale=cfg.grpo_scale_rewards)
+    elif est == "rloo":
+        per_response = F.rloo_advantages(seq_reward, k)
+    else:
+        raise ValueError(f"unknown advantage_estimator {est!r}")
+    advantages = per_response[:, None] * mask
+    return rewards, advantages, advantages

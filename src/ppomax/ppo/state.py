@@ -1,0 +1,125 @@
+"""A PPO run's checkpoints: what is saved, and exact resume (docs/reliability.md §1).
+
+A checkpoint (ppomax.checkpoint) holds the trained models (policy; critic when the estimator has
+one), their AdamW states, and the JSON state below: iteration, η and the adaptive KL controller,
+the running reward moments, the prompt / PPO-ptx samplers, both LR schedules, the collapse
+guard's baselines, the skip counter and the rollback target. RNG states are stored by
+``checkpoint.save_checkpoint``; a multi-process run stores every rank's. Functions of the trainer,
+kept here so that ``trainer.py`` reads as the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ppomax import checkpoint as ckpt_lib
+from ppomax import distributed as dist_lib
+from ppomax import sharding
+from ppomax.training import load_scheduler_state, scheduler_state, set_seed
+
+logger = logging.getLogger("ppomax")
+
+
+def state_dict(tr) -> dict[str, Any]:
+    """The JSON part of a PPO checkpoint."""
+    return {
+        "stage": "ppo",
+        "iteration": tr.iteration,
+        "kl_coef": tr.kl_coef,
+        "kl_ctl": tr.kl_ctl.state_dict() if tr.kl_ctl else None,
+        "score_moments": tr.score_moments.state_dict(),
+        "sampler": tr.sampler.state_dict(),
+        "ptx_sampler": tr.ptx_sampler.state_dict() if tr.ptx_sampler else None,
+        "policy_sched": scheduler_state(tr.policy_sched),
+        "critic_sched": scheduler_state(tr.critic_sched) if tr.critic is not None else None,
+        "guard": tr.guard.state_dict(),
+        "consecutive_skips": tr.consecutive_skips,
+        "last_healthy": tr.last_healthy,
+        "model_signature": signature(tr.policy),
+    }
+
+
+def signature(policy) -> dict[str, Any]:
+    """What a checkpoint's policy must match to be resumed into this one."""
+    pc = policy.config
+    return {"policy": [sharding.class_name(policy), pc.vocab_size, pc.hidden_size, pc.num_hidden_layers],
+            "n_params": sum(p.numel() for p in policy.parameters())}
+
+
+def _trained(tr) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(models, optimizers) by name: the policy, and the critic when the estimator has one."""
+    models, opts = {"policy": tr.policy}, {"policy": tr.policy_opt}
+    if tr.critic is not None:
+        models["critic"], opts["critic"] = tr.critic, tr.critic_opt
+    return models, opts
+
+
+def save(tr) -> Path | None:
+    """Write ``checkpoint-<iteration>``; None (and a warning) when a model holds NaN/inf weights."""
+    bad = nonfinite_weights(tr)
+    if bad:
+        logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
+                       "on disk stays the newest good one)", tr.iteration, " and ".join(bad))
+        return None
+    models, opts = _trained(tr)
+    if tr.sharding != "none":  # every rank takes part in gathering; rank 0 writes the whole
+        opts = {k: sharding.GatheredOptimizer(models[k], o) for k, o in opts.items()}
+        models = {k: sharding.GatheredModel(m) for k, m in models.items()}
+    rank_rng = dist_lib.gather_rng_states(tr.dist)  # each rank's sampling stream, for exact resume
+    if not tr.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
+        dist_lib.barrier(tr.dist)
+        return tr.out / f"checkpoint-{tr.iteration}"
+    path = ckpt_lib.save_checkpoint(
+        tr.out, tr.iteration, models, opts, state_dict(tr),
+        tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit,
+        keep=tuple(k for k in (tr.last_healthy, *getattr(tr, "protected", ())) if k), rank_rng=rank_rng,
+    )
+    dist_lib.barrier(tr.dist)
+    return path
+
+
+def nonfinite_weights(tr) -> list[str]:
+    """The trained models ('policy', 'critic') holding a NaN or inf parameter."""
+    bad = []
+    for name, model in _trained(tr)[0].items():
+        ok = sharding.all_finite(model)  # one device sync per model (this rank's shards)
+        if not (tr._all_ranks(ok) if tr.sharding != "none" else ok):
+            bad.append(name)
+    return bad
+
+
+def load(tr, path: Path, restore_rng: bool = True) -> None:
+    """Restore everything ``save`` wrote into the trainer ``tr``; the engine samples the loaded policy."""
+    from ppomax import models as M
+
+    state = ckpt_lib.load_state(path)
+    if state.get("stage", "ppo") != "ppo":
+        raise ckpt_lib.CheckpointError(f"{path} is a {state['stage']} checkpoint, not ppo")
+    if state.get("model_signature") != signature(tr.policy):
+        raise ckpt_lib.CheckpointError(f"{path} was written for a different model "
+                                       f"({state.get('model_signature')} vs {signature(tr.policy)})")
+    models, opts = _trained(tr)
+    for name, model in models.items():
+        M.load_weights_into(model, path / name)
+        ckpt_lib.load_optimizer(path, name, opts[name], model)
+    load_scheduler_state(tr.policy_sched, state["policy_sched"])
+    if tr.critic is not None:
+        load_scheduler_state(tr.critic_sched, state["critic_sched"])
+    tr.iteration = int(state["iteration"])
+    tr.kl_coef = float(state["kl_coef"])
+    if tr.kl_ctl is not None and state.get("kl_ctl"):
+        tr.kl_ctl.load_state_dict(state["kl_ctl"])
+    tr.score_moments.load_state_dict(state["score_moments"])
+    tr.sampler.load_state_dict(state["sampler"])
+    if tr.ptx_sampler is not None and state.get("ptx_sampler"):
+        tr.ptx_sampler.load_state_dict(state["ptx_sampler"])
+    tr.guard.load_state_dict(state.get("guard", {}))
+    tr.consecutive_skips = int(state.get("consecutive_skips", 0))
+    tr.last_healthy = state.get("last_healthy")
+    tr.engine.sync(tr.policy)  # resume and rollback: the engine samples from the loaded weights
+    if restore_rng:
+        if not ckpt_lib.restore_rng(path, state, tr.dist.rank):  # no state of this rank stored:
+            set_seed(tr.cfg.seed + tr.dist.rank + 100003 * tr.iteration)  # a distinct stream per rank
+    logger.info("resumed from %s at iteration %d", path, tr.iteration)
