@@ -17,13 +17,13 @@ def test_summary_table_by_hand():
     summary = {"methods": {
         "sft": {"rm_reward": -0.434, "gold": 0.0151, "kl": 0.0, "perplexity": 6.5349, "length": 9.06,
                 "well_formed": 0.9609, "win_rate_vs_sft": 0.5},
-        "vanilla": {"rm_reward": 6.2249, "gold": -1.4688, "gold_peak": float("nan"), "kl": 276.66,
-                    "perplexity": 1.3, "length": 28, "well_formed": 0, "win_rate_vs_sft": 0.0117},
+        "vanilla": {"rm_reward": 6.2249, "gold": -1.4688, "gold_peak": float("nan"), "gold_best": 0.8751,
+                    "kl": 276.66, "perplexity": 1.3, "length": 28, "well_formed": 0, "win_rate_vs_sft": 0.0117},
     }}  # fmt: skip
     assert summary_table(summary).splitlines() == [
-        "method    rm_reward    gold   gold_peak      kl   perplexity   length   well_formed   win_rate_vs_sft",
-        "sft           -0.43    0.02           –     0.0         6.53      9.1          0.96              0.50",
-        "vanilla        6.22   -1.47           –   276.7         1.30     28.0          0.00              0.01",
+        "method    rm_reward    gold   gold_peak   gold_best      kl   perplexity   length   well_formed   win_rate_vs_sft",
+        "sft           -0.43    0.02           –           –     0.0         6.53      9.1          0.96              0.50",
+        "vanilla        6.22   -1.47           –        0.88   276.7         1.30     28.0          0.00              0.01",
     ]
 
 
@@ -56,9 +56,15 @@ def test_quick_demo_writes_report_summary_and_plots(quick_demo):
     # table.txt is the printed table, formatted from summary.json; every column is a summary key
     assert (quick_demo / "table.txt").read_text(encoding="utf-8") == summary_table(summary) + "\n"
     for name, m in summary["methods"].items():
-        assert set(SUMMARY_TABLE_COLUMNS) - set(m) <= ({"gold_peak"} if name == "sft" else set()), name
+        assert set(SUMMARY_TABLE_COLUMNS) - set(m) <= ({"gold_peak", "gold_best"} if name == "sft" else set()), name
+    for method in ("ppo_max", "vanilla"):  # best/ by eval/gold during training (issue #15), and its evaluation
+        m = summary["methods"][method]
+        info = json.loads((quick_demo / "runs" / method / "best" / "best.json").read_text())
+        assert info["metric"] == "eval/gold" and info["step"] == m["best_step"]
+        assert m["gold_best"] == m["best"]["gold"] and (quick_demo / "runs" / method / "best").is_dir()
     report = (quick_demo / "report.md").read_text()
     assert "ppo_max" in report and "vanilla" in report and "plots/overview.png" in report
+    assert "## Best checkpoint vs final" in report
     for png in ("overview", "rm_reward", "gold", "kl", "perplexity", "length", "reward_tail"):
         data = (quick_demo / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -288,6 +288,17 @@ class PPOConfig(LoraArgs, RunArgs):
     save_steps: int = opt(50, "Checkpoint every N PPO iterations (and at the end).", ge=1)
     logging_steps: int = opt(1, "Log every N iterations.", ge=1)
     num_sample_generations: int = opt(4, "Sample responses written to samples.jsonl at each logged step.", ge=0)
+    # --- evaluation during training and the best checkpoint (names as in TrainingArguments) -----
+    eval_steps: int | None = opt(
+        None, "Evaluate every N PPO iterations (and at the last) on --eval_dataset: eval/rm_reward, eval/kl, "
+        "eval/length, eval/truncated, eval/perplexity, and eval/gold with a gold_fn (Python). None: off.", ge=1)
+    eval_dataset: str | None = opt(None, "Held-out prompts for --eval_steps (JSONL / datasets dir); or eval_prompts= in Python.")
+    metric_for_best_model: str | None = opt(
+        None, "Keep the checkpoint with the best value of this eval metric in <output_dir>/best (rm_reward, gold, kl, "
+        "length, truncated, perplexity; 'eval/' prefix optional). Needs --eval_steps.")
+    greater_is_better: bool | None = opt(
+        None, "Whether a larger metric_for_best_model is better (default: yes, except kl, length, truncated, perplexity).")
+    load_best_model_at_end: bool = opt(False, "Load the best checkpoint's weights when training ends (needs metric_for_best_model).")
     max_consecutive_skips: int = opt(3, "Stop after this many consecutive updates skipped for non-finite values.", ge=1)
     collapse_guard: str = opt(
         "warn", "On a collapse signal (see docs/metrics.md): warn, stop (save and exit) or rollback.",
@@ -323,6 +334,15 @@ class PPOConfig(LoraArgs, RunArgs):
             check(not given, f"{n}: advantage_estimator = {self.advantage_estimator!r} trains no critic, but critic "
                              f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
                              f"--advantage_estimator gae)")
+        if self.metric_for_best_model is not None:
+            from ppomax.ppo.evaluation import EVAL_METRICS, metric_key
+
+            check(metric_key(self.metric_for_best_model) in EVAL_METRICS,
+                  f"{n}.metric_for_best_model = {self.metric_for_best_model!r} is not an eval metric: allowed "
+                  f"{', '.join(EVAL_METRICS)} (optionally as eval/<name>)")
+            check(self.eval_steps is not None, f"{n}.metric_for_best_model needs --eval_steps N (evaluations to compare)")
+        check(not self.load_best_model_at_end or self.metric_for_best_model is not None,
+              f"{n}.load_best_model_at_end needs --metric_for_best_model (which checkpoint is best)")
         # The ratio π_θ/π_old and the KL to π_ref score sampled tokens under the full softmax at the sampling
         # temperature (PPO_MAX.md); tokens drawn from a top-k/top-p truncation come from another distribution.
         for name, off in (("top_k", 0), ("top_p", 1.0)):

@@ -52,6 +52,7 @@ class Budget:
     critic_learning_rate: float = 5e-5
     critic_pretrain_steps: int = 20
     n_eval_prompts: int = 512
+    n_during_eval: int = 128  # held-out prompts of the evaluations during PPO (best/ checkpoint)
     layers: int = 3
     hidden: int = 128
     heads: int = 4
@@ -139,7 +140,8 @@ def build_assets(cfg: DemoConfig, b: Budget) -> dict[str, Any]:
     info: dict[str, Any] = {}
     asset_fields = ("n_sft", "sft_steps", "sft_batch", "sft_lr", "n_pair_prompts", "pair_beta", "rm_epochs",
                     "rm_lr", "rm_batch", "response_length", "layers", "hidden", "heads", "ffn")
-    key = {"seed": cfg.seed, "version": 1, **{f: getattr(b, f) for f in asset_fields}}
+    # version 2: SFT / RM losses are batch-level token (pair) means (issue #11), so older assets differ
+    key = {"seed": cfg.seed, "version": 2, **{f: getattr(b, f) for f in asset_fields}}
     base, sft, rm = root / "base", root / "sft", root / "rm"
     quiet = dict(disable_tqdm=cfg.disable_tqdm, report_to="none", overwrite_output_dir=True)
 
@@ -173,7 +175,10 @@ def build_assets(cfg: DemoConfig, b: Budget) -> dict[str, Any]:
         (rm / "demo_info.json").write_text(json.dumps({"eval": res["final"], "pairs": pair_info,
                                                        "seconds": time.perf_counter() - t}))
     info["rm"] = json.loads((rm / "demo_info.json").read_text())
-    info["paths"] = {"sft": str(sft), "rm": str(rm)}
+    # Prompts for evaluation during PPO (the best checkpoint): held out from training and from the final
+    # evaluation (EvalContext), so picking best/ does not select on the prompts that report it.
+    D.write_jsonl(root / "eval_prompts.jsonl", [{"prompt": p} for p in reviews.prompts(b.n_during_eval, seed=cfg.seed + 555)])
+    info["paths"] = {"sft": str(sft), "rm": str(rm), "eval_prompts": str(root / "eval_prompts.jsonl")}
     return info
 
 
@@ -221,9 +226,12 @@ def ppo_config(method: str, out: Path, paths: dict, b: Budget, seed: int, disabl
 
 
 def method_config(name: str, out: Path, paths: dict, b: Budget, seed: int, disable_tqdm: bool) -> PPOConfig:
-    """The PPOConfig of one `--methods` name (METHODS)."""
+    """The PPOConfig of one `--methods` name (METHODS), evaluated on held-out prompts ten times during
+    training with the best gold kept in best/ (issue #15: the demo shows each method's best and final)."""
     overrides = dict(METHODS[name])
-    return ppo_config(overrides.pop("preset", "ppo_max"), out, paths, b, seed, disable_tqdm, **overrides)
+    return ppo_config(overrides.pop("preset", "ppo_max"), out, paths, b, seed, disable_tqdm,
+                      eval_steps=max(1, b.ppo_steps // 10), eval_dataset=paths["eval_prompts"],
+                      metric_for_best_model="gold", **overrides)
 
 
 def run_method(cfg: PPOConfig, prompts: list[str]) -> list[dict]:
@@ -315,6 +323,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for method in methods:
         m = ctx.evaluate(_final_policy(out / "runs" / method))
         m["gold_peak"] = round(_gold_peak(runs[method]), 4)
+        best = _best_policy(out / "runs" / method)
+        if best is not None:  # the best checkpoint by eval/gold during training, on the same held-out prompts
+            b_m = ctx.evaluate(best)
+            m["gold_best"], m["best_step"] = b_m["gold"], int(best.parent.name.split("-")[-1])
+            m["best"] = {k: b_m[k] for k in ("rm_reward", "gold", "kl", "length", "well_formed", "win_rate_vs_sft")}
         summary["methods"][method] = m
     summary["assets"] = {"sft_eval": assets["sft"].get("eval"), "rm_eval": assets["rm"].get("eval"),
                          "pairs": assets["rm"].get("pairs")}
@@ -418,6 +431,13 @@ def _gold_peak(rows: list[dict], window: int = 5) -> float:
     return max(sum(g[i : i + w]) / w for i in range(len(g) - w + 1))
 
 
+def _best_policy(run_dir: Path) -> Path | None:
+    from ppomax.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(run_dir / "best")
+    return ckpts[-1] / "policy" if ckpts else None
+
+
 def _final_policy(run_dir: Path) -> Path:
     from ppomax.checkpoint import list_checkpoints
 
@@ -454,8 +474,8 @@ def _asset_notes(assets: dict) -> list[str]:
 
 # Column -> decimals of the demo's summary table. KL (nats, up to hundreds) and length (tokens)
 # need one decimal; the others live in about [-3, 10] and need two to separate the methods.
-SUMMARY_TABLE_COLUMNS = {"rm_reward": 2, "gold": 2, "gold_peak": 2, "kl": 1, "perplexity": 2, "length": 1,
-                         "well_formed": 2, "win_rate_vs_sft": 2}
+SUMMARY_TABLE_COLUMNS = {"rm_reward": 2, "gold": 2, "gold_peak": 2, "gold_best": 2, "kl": 1, "perplexity": 2,
+                         "length": 1, "well_formed": 2, "win_rate_vs_sft": 2}
 
 
 def summary_table(summary: dict) -> str:

@@ -52,6 +52,12 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "returns/std": ("std of the GAE returns", "shrinks to ~0 with a collapsed, uniform policy"),
     "critic/value_mean": ("mean critic value V_old on response tokens", "drifts away from returns/mean"),
     "ptx/loss": ("PPO-ptx LM loss on SFT / pre-training rows (Eq. 17)", "rises: the alignment tax grows, the policy forgets the SFT data"),
+    "eval/rm_reward": ("--eval_steps: mean reward (RM or reward_fn) of one sample per held-out prompt, fixed seed", "rises while eval/gold falls"),
+    "eval/gold": ("--eval_steps: mean gold-judge score on the held-out prompts (with a gold_fn)", "peaks, then falls: keep best/ (--metric_for_best_model gold)"),
+    "eval/kl": ("--eval_steps: mean summed KL(π‖π_ref) per held-out response (nats)", "rises without levelling off"),
+    "eval/length": ("--eval_steps: mean held-out response length (tokens, EOS included)", "drifts to the cap"),
+    "eval/truncated": ("--eval_steps: share of held-out responses that hit the cap without EOS", "climbs towards 1"),
+    "eval/perplexity": ("--eval_steps: policy perplexity on its held-out samples", "falls towards 1"),
     "skipped": ("1 when the update was skipped for a non-finite value (cause in skip_cause)", "repeated skips stop the run (max_consecutive_skips)"),
     "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
     "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
@@ -482,7 +488,8 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods: Mapping[str, Mapping[str, Any]] = summary.get("methods", {})
-    extra = [k for m in methods.values() for k in m if k not in _SUMMARY_COLUMNS and k != "win_rate_ci"]
+    extra = [k for m in methods.values() for k, v in m.items()
+             if k not in _SUMMARY_COLUMNS and k != "win_rate_ci" and not isinstance(v, Mapping)]
     keys = [k for k in _SUMMARY_COLUMNS if any(k in m for m in methods.values())] + list(dict.fromkeys(extra))
     rows = []
     for name, m in methods.items():
@@ -497,6 +504,16 @@ def write_report(
     overview, panels = _plot_blocks(plots, out)
     blocks: list[Block] = [*overview]  # the picture at the top of the report
     blocks += [("h", 2, "Summary"), ("table", ["method", *(_SUMMARY_COLUMNS.get(k, k) for k in keys)], rows)]
+    with_best = {n: m for n, m in methods.items() if isinstance(m.get("best"), Mapping)}
+    if with_best:  # issue #15: each method's best checkpoint (picked during training) next to its final one
+        cols = ("gold", "rm_reward", "kl", "win_rate_vs_sft")
+        best_rows = [[n, _fmt_value(m.get("best_step")),
+                      *(f"{_fmt_value(m['best'].get(c))} / {_fmt_value(m.get(c))}" for c in cols)]
+                     for n, m in with_best.items()]
+        blocks += [("h", 2, "Best checkpoint vs final"),
+                   ("p", "best/ is the checkpoint with the highest eval/gold on held-out prompts during training "
+                         "(--metric_for_best_model gold); both are evaluated on the report's prompts. Cells: best / final."),
+                   ("table", ["method", "best at iteration", *cols], best_rows)]
     run_info = [
         f"{k}: {_fmt(v)}" for k, v in summary.items() if k != "methods" and not isinstance(v, (dict, list))
     ]

@@ -55,6 +55,24 @@ def experience_metrics(exp, with_critic: bool = True) -> dict[str, float]:
     return m
 
 
+def gold_metrics(gold: list[float]) -> dict[str, float]:
+    """The judge's mean score, and the share it accepts as well formed (a gold score >= −1)."""
+    g = torch.tensor(gold, dtype=torch.float64)
+    return {"gold/mean": g.mean().item(), "gold/well_formed": (g >= -1.0).float().mean().item()}
+
+
+def write_samples(path, row: dict, prompts: list[str], responses: list[str], scores: list[float],
+                  gold: list[float] | None) -> None:
+    """Append one JSON line per sample generation to samples.jsonl (the report's start/middle/end)."""
+    import json
+
+    with open(path, "a", encoding="utf-8") as fh:
+        for i in range(len(prompts)):
+            fh.write(json.dumps({"step": row["step"], "ppo_step": row["ppo_step"], "phase": row["phase"],
+                                 "prompt": prompts[i], "response": responses[i], "score": scores[i],
+                                 "gold": gold[i] if gold else None}) + "\n")
+
+
 @dataclass
 class CollapseGuard:
     """Thresholds on the monitors; ``check`` returns the reasons a step looks collapsed.

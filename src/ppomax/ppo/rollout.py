@@ -347,7 +347,7 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, mask) -> torch
 
 
 # Causal LMs whose forward is exactly ``lm_head(<decoder>(...).last_hidden_state)`` with a plain
-# ``nn.Linear`` head (transformers 5.x modeling code, read for each): the attribute holding the
+# ``nn.Linear`` head (transformers 5.24's modeling code, read for each): the attribute holding the
 # decoder. Anything else (softcapped or scaled logits: Gemma 2, Cohere; unknown classes) runs the
 # full causal LM.
 _HEAD_ON_HIDDEN = {
@@ -370,7 +370,10 @@ def _decoder_and_head(model):
     calling the decoder would skip), softcapped / scaled logits, a head that is not a plain
     ``nn.Linear`` (LoRA or ``modules_to_save`` on the head, quantised layers), a weight that is not
     a plain parameter (DTensor shards), and forward hooks on the model or the head (accelerate
-    offloading, user hooks), which calling ``lm_head.weight`` directly would bypass.
+    offloading, user hooks), which calling ``lm_head.weight`` directly would bypass. A model
+    wrapped by ``torch.compile(model)`` is an ``OptimizedModule``, not in the table either. Tied
+    embeddings need nothing special: both paths read the same ``lm_head.weight``, and autograd
+    adds the head's and the embedding's gradients into it alike.
     """
     if torch.compiler.is_compiling():
         return None
@@ -390,8 +393,6 @@ def _decoder_and_head(model):
         return None
     head, decoder = base.get_output_embeddings(), getattr(base, attr, None)
     if type(head) is not torch.nn.Linear or decoder is None or type(head.weight) is not torch.nn.Parameter:
-        return None
-    if head.weight.shape != (head.out_features, head.in_features):  # a tied weight resized behind the head's back
         return None
     for m in {id(x): x for x in (model, base, head)}.values():
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):

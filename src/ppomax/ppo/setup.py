@@ -73,6 +73,21 @@ def load_prompt_ids(cfg: PPOConfig, tokenizer, prompts: Sequence[str] | Sequence
     return prompt_ids
 
 
+def load_eval_prompt_ids(cfg: PPOConfig, tokenizer, eval_prompts, has_gold: bool) -> list[list[int]] | None:
+    """Held-out prompt ids for --eval_steps (None when off); errors name the missing piece before any model loads."""
+    if cfg.eval_steps is None:
+        return None
+    source = eval_prompts if eval_prompts is not None else cfg.eval_dataset
+    if source is None:
+        raise ConfigError("PPOConfig.eval_steps needs held-out prompts: --eval_dataset FILE (or eval_prompts= in Python)")
+    from ppomax.ppo.evaluation import metric_key
+
+    if cfg.metric_for_best_model and metric_key(cfg.metric_for_best_model) == "gold" \
+            and not has_gold:
+        raise ConfigError("PPOConfig.metric_for_best_model = 'gold' needs a gold judge: pass gold_fn= in Python")
+    return load_prompt_ids(cfg, tokenizer, source)
+
+
 def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None) -> list | None:
     """Tokenized PPO-ptx rows (Eq. 17), or None when PPO-ptx is off."""
     from ppomax import data as D
@@ -136,12 +151,33 @@ def _load_critic(cfg: PPOConfig, critic):
     return critic
 
 
+def optimizers(cfg: PPOConfig, policy, critic) -> tuple:
+    """(policy AdamW, its LR schedule, critic AdamW, its schedule); the critic's are None without a critic.
+    The critic's schedule also spans critic pre-training."""
+    from ppomax.training import make_optimizer, make_scheduler
+
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    p_opt = make_optimizer(policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas, fused=True)
+    p_sched = make_scheduler(p_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps)
+    if critic is None:
+        return p_opt, p_sched, None, None
+    c_opt = make_optimizer(critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas, fused=True)
+    c_sched = make_scheduler(c_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps + cfg.critic_pretrain_steps)
+    return p_opt, p_sched, c_opt, c_sched
+
+
 def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist: dist_lib.Dist, mode: str,
                  device: torch.device) -> None:
-    """Device, frozen models, gradient checkpointing, the same start on every rank, sharding.
+    """Dropout off, device, frozen models, gradient checkpointing, the same start on every rank, sharding.
 
     Must run before the optimizers are built: under sharding they hold the shards."""
+    from ppomax.models import disable_dropout
+
     roles = ((policy, True), (critic, True), (ref_policy, False), (reward_model, False))
+    if cfg.disable_dropout:  # ratio exactly 1 on the first mini-batch (see PPOConfig.disable_dropout)
+        for m, _ in roles:
+            if m is not None:
+                disable_dropout(m)
     for m, trainable in roles:
         if m is not None and not sharding.shards(mode, trainable):
             if sharding.is_skeleton(m):

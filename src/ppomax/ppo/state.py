@@ -37,6 +37,7 @@ def state_dict(tr) -> dict[str, Any]:
         "guard": tr.guard.state_dict(),
         "consecutive_skips": tr.consecutive_skips,
         "last_healthy": tr.last_healthy,
+        "best": tr.best.state_dict() if tr.best is not None else None,
         "model_signature": signature(tr.policy),
     }
 
@@ -56,8 +57,9 @@ def _trained(tr) -> tuple[dict[str, Any], dict[str, Any]]:
     return models, opts
 
 
-def save(tr) -> Path | None:
-    """Write ``checkpoint-<iteration>``; None (and a warning) when a model holds NaN/inf weights."""
+def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -> Path | None:
+    """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to
+    save_total_limit); None (and a warning) when a model holds NaN/inf weights."""
     bad = nonfinite_weights(tr)
     if bad:
         logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
@@ -68,13 +70,14 @@ def save(tr) -> Path | None:
         opts = {k: sharding.GatheredOptimizer(models[k], o) for k, o in opts.items()}
         models = {k: sharding.GatheredModel(m) for k, m in models.items()}
     rank_rng = dist_lib.gather_rng_states(tr.dist)  # each rank's sampling stream, for exact resume
+    run_dir = tr.out if run_dir is None else run_dir
     if not tr.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
         dist_lib.barrier(tr.dist)
-        return tr.out / f"checkpoint-{tr.iteration}"
+        return run_dir / f"checkpoint-{tr.iteration}"
     path = ckpt_lib.save_checkpoint(
-        tr.out, tr.iteration, models, opts, state_dict(tr),
-        tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit,
-        keep=tuple(k for k in (tr.last_healthy, *getattr(tr, "protected", ())) if k), rank_rng=rank_rng,
+        run_dir, tr.iteration, models, opts, state_dict(tr),
+        tokenizer=tr.tokenizer, save_total_limit=save_total_limit or tr.cfg.save_total_limit,
+        keep=(tr.last_healthy,) if tr.last_healthy else (), rank_rng=rank_rng,
     )
     dist_lib.barrier(tr.dist)
     return path
@@ -118,8 +121,59 @@ def load(tr, path: Path, restore_rng: bool = True) -> None:
     tr.guard.load_state_dict(state.get("guard", {}))
     tr.consecutive_skips = int(state.get("consecutive_skips", 0))
     tr.last_healthy = state.get("last_healthy")
+    if tr.best is not None and restore_rng:  # resume; a rollback (restore_rng=False) keeps the best seen so far:
+        tr.best.load_state_dict(state.get("best"))  # best/ is not rolled back
     tr.engine.sync(tr.policy)  # resume and rollback: the engine samples from the loaded weights
     if restore_rng:
         if not ckpt_lib.restore_rng(path, state, tr.dist.rank):  # no state of this rank stored:
             set_seed(tr.cfg.seed + tr.dist.rank + 100003 * tr.iteration)  # a distinct stream per rank
     logger.info("resumed from %s at iteration %d", path, tr.iteration)
+
+
+def rollback(tr) -> bool:
+    """The collapse guard's rollback: restore the last healthy checkpoint (its RNG streams are not
+    restored, so the run does not replay the same samples), raise η, keep counting iterations forward.
+    False (and a warning; the guard acts as 'warn') when there is no healthy checkpoint."""
+    from ppomax.config import PPOConfig
+
+    if not tr.last_healthy or not (Path(tr.last_healthy) / "COMPLETE").exists():
+        logger.warning("collapse guard 'rollback': no healthy checkpoint to roll back to (%s); continuing as 'warn'",
+                       tr.last_healthy or "none saved yet")
+        return False
+    healthy = Path(tr.last_healthy)
+
+    # η × factor; an η of 0 (vanilla) would stay 0, so it becomes the PPO-max value instead.
+    eta = tr.kl_coef * tr.cfg.rollback_kl_factor if tr.kl_coef > 0 else PPOConfig.__dataclass_fields__["kl_coef"].default
+    logger.warning("rolling back to %s; η %g -> %g", healthy, tr.kl_coef, eta)
+    it = tr.iteration
+    tr._load(healthy, restore_rng=False)  # through the trainer: one seam for every load
+    tr.kl_coef = eta
+    if tr.kl_ctl is not None:
+        tr.kl_ctl.value = tr.kl_coef
+    tr.iteration = it  # keep counting forward: metrics rows stay unique
+    tr.last_healthy = str(healthy)
+    return True
+
+
+def open_run(tr):
+    """Prepare the output dir and, with --resume_from, load the checkpoint to resume; return the metrics
+    logger (rank 0; the other ranks get one that only reduces)."""
+    from ppomax.training import MetricsLogger, RankMetrics, prepare_output_dir, truncate_jsonl
+
+    cfg, main = tr.cfg, tr.dist.is_main
+    resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
+    if main:
+        prepare_output_dir(cfg, "ppo")
+    dist_lib.barrier(tr.dist)
+    samples = tr.out / "samples.jsonl"
+    if resume_ckpt is not None:
+        load(tr, resume_ckpt)
+        dist_lib.barrier(tr.dist)
+        if main:  # rows and checkpoints written after the resumed one belong to the crashed run's future
+            ckpt_lib.discard_after(tr.out, tr.iteration)
+            truncate_jsonl(samples, tr.iteration)
+    elif main:
+        samples.unlink(missing_ok=True)
+    if not main:
+        return RankMetrics()
+    return MetricsLogger(tr.out, cfg.report_to, resume_step=tr.iteration if resume_ckpt else None)

@@ -28,9 +28,9 @@ from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
-from ppomax.ppo import advantages, setup
+from ppomax.ppo import advantages, evaluation, setup
 from ppomax.ppo import state as run_state
-from ppomax.ppo.monitors import CollapseGuard, experience_metrics
+from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, write_samples
 from ppomax.ppo.rollout import (
     Experience,
     cat_padded,
@@ -41,26 +41,17 @@ from ppomax.ppo.rollout import (
 )
 from ppomax.ppo.setup import IndexSampler
 from ppomax.training import (
-    MetricsLogger,
-    RankMetrics,
     autocast,
     default_device,
-    make_optimizer,
-    make_scheduler,
-    prepare_output_dir,
     progress,
     reduce_and_clip,
     set_seed,
-    truncate_jsonl,
 )
 
 logger = logging.getLogger("ppomax")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
-
-
-_PPO_MAX_KL_COEF = PPOConfig.__dataclass_fields__["kl_coef"].default  # η of the ppo_max preset
 
 
 # metric -> short label in the progress bar (full names: docs/metrics.md)
@@ -98,6 +89,7 @@ class PPOTrainer:
         reward_fn: RewardFn | None = None,
         gold_fn: GoldFn | None = None,
         ptx_rows: Sequence[dict] | None = None,
+        eval_prompts: Sequence[str] | Sequence[dict] | None = None,
     ) -> None:
         from ppomax import models as M
 
@@ -123,6 +115,9 @@ class PPOTrainer:
             tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = tokenizer
         self.prompt_ids = setup.load_prompt_ids(cfg, tokenizer, prompts)
+        self.eval_prompt_ids = setup.load_eval_prompt_ids(cfg, tokenizer, eval_prompts, gold_fn is not None)
+        self.best = (evaluation.BestTracker(cfg.metric_for_best_model, evaluation.greater_is_better(
+            cfg.metric_for_best_model, cfg.greater_is_better)) if cfg.metric_for_best_model else None)
         self.ptx_examples = setup.load_ptx_examples(cfg, tokenizer, ptx_rows)
         self.pad_id = tokenizer.pad_token_id
 
@@ -137,22 +132,13 @@ class PPOTrainer:
         self.eos_ids = M.eos_token_ids(tokenizer, self.policy)
         self.sampling = Sampling(cfg.response_length, tuple(self.eos_ids), self.pad_id, cfg.temperature, cfg.top_k,
                                  cfg.top_p, cfg.stop_at_eos)
-        if cfg.disable_dropout:  # ratio exactly 1 on the first mini-batch (see PPOConfig.disable_dropout)
-            for m in (self.policy, self.critic, self.ref_policy, self.reward_model):
-                if m is not None:
-                    M.disable_dropout(m)
         setup.place_models(cfg, self.policy, self.critic, self.ref_policy, self.reward_model, self.dist,
                            self.sharding, self.device)
         self.engine = make_engine(cfg, self.policy, tokenizer)  # samples the rollouts (ppomax.engines)
 
         # ---- optimisation state --------------------------------------------------------------
-        betas = (cfg.adam_beta1, cfg.adam_beta2)
-        self.policy_opt = make_optimizer(self.policy.parameters(), cfg.learning_rate, cfg.weight_decay, betas, fused=True)
-        self.critic_opt = None if self.critic is None else make_optimizer(
-            self.critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay, betas, fused=True)
-        self.policy_sched = make_scheduler(self.policy_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps)
-        self.critic_sched = None if self.critic is None else make_scheduler(
-            self.critic_opt, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.max_steps + cfg.critic_pretrain_steps)
+        self.policy_opt, self.policy_sched, self.critic_opt, self.critic_sched = setup.optimizers(
+            cfg, self.policy, self.critic)  # the critic's are None with a critic-free estimator
         self.score_moments = F.RunningMoments()
         self.kl_ctl = F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
@@ -183,24 +169,9 @@ class PPOTrainer:
     def train(self) -> list[dict[str, Any]]:
         """Run critic pre-training then PPO; return the logged metric rows."""
         cfg = self.cfg
-        resume_ckpt = None
-        if cfg.resume_from:
-            resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from)
         main = self.dist.is_main  # only rank 0 writes files (config, metrics, samples, checkpoints)
-        if main:
-            prepare_output_dir(cfg, "ppo")
-        dist_lib.barrier(self.dist)
+        self.metrics = run_state.open_run(self)  # the output dir, and the resumed state with --resume_from
         samples_path = self.out / "samples.jsonl"
-        if resume_ckpt is not None:
-            self._load(resume_ckpt)
-            dist_lib.barrier(self.dist)
-            if main:  # rows and checkpoints written after the resumed one belong to the crashed run's future
-                ckpt_lib.discard_after(self.out, self.iteration)
-                truncate_jsonl(samples_path, self.iteration)
-        elif main:
-            samples_path.unlink(missing_ok=True)
-        self.metrics = (MetricsLogger(self.out, cfg.report_to, resume_step=self.iteration if resume_ckpt else None)
-                        if main else RankMetrics())
         bar = progress(total=self.total_iterations, desc=f"ppo {self.out.name}", disable=cfg.disable_tqdm or not main,
                        initial=self.iteration)
         try:
@@ -213,6 +184,7 @@ class PPOTrainer:
                 row = self.step(train_policy=not pretrain)
                 row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
                            ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
+                improved = not pretrain and self._evaluate(row)  # --eval_steps: eval/* into the row
                 action = self._collapse_check(row, pretrain)  # before logging: the row carries `collapse`
                 if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
                     self.metrics.log(row)
@@ -227,10 +199,26 @@ class PPOTrainer:
                                        + (f"(state saved in {saved})" if saved else "(not saved: non-finite weights)"))
                 if self.iteration % cfg.save_steps == 0 or self.iteration == self.total_iterations:
                     self._save(healthy=not row.get("collapse"))
+                if improved:  # after the periodic save: best/ and checkpoint-N never replace each other
+                    evaluation.save_best(self, row[self.best.key])
+            if cfg.load_best_model_at_end:
+                evaluation.load_best(self)
         finally:
             bar.close()
             self.metrics.close()
         return self.metrics.rows
+
+    def _evaluate(self, row: dict) -> bool:
+        """Every eval_steps PPO iterations (and at the last): eval/* metrics into ``row``; True when
+        they improve metric_for_best_model (the tracker is updated, the caller saves best/)."""
+        if self.eval_prompt_ids is None or not (row["ppo_step"] % self.cfg.eval_steps == 0
+                                                or self.iteration == self.total_iterations):
+            return False
+        row.update(evaluation.evaluate(self, self.eval_prompt_ids))
+        if self.best is None or not self.best.improves(row[self.best.key]):
+            return False
+        self.best.value, self.best.step = row[self.best.key], self.iteration
+        return True
 
     def step(self, train_policy: bool = True) -> dict[str, float]:
         """One iteration: experience → advantages → update. Returns the metric row."""
@@ -551,25 +539,15 @@ class PPOTrainer:
 
     def _gold_metrics(self, exp: Experience) -> dict[str, float]:
         prompts, responses = self._decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
-        gold = self.gold_fn(prompts, responses, exp.truncated.tolist())
-        g = torch.tensor([float(x) for x in gold])
-        self._last_gold = g.tolist()
-        return {"gold/mean": g.mean().item(), "gold/well_formed": (g >= -1.0).float().mean().item()}
+        self._last_gold = [float(x) for x in self.gold_fn(prompts, responses, exp.truncated.tolist())]
+        return gold_metrics(self._last_gold)
 
     def _write_samples(self, path: Path, row: dict) -> None:
-        import json
-
         exp = getattr(self, "_last_exp", None)
         n = min(self.cfg.num_sample_generations, exp.scores.numel() if exp is not None else 0)
-        if n == 0:
-            return
-        prompts, responses = self._decode(exp.prompt_ids[:n], exp.prompt_mask[:n], exp.response_ids[:n], exp.mask[:n])
-        gold = getattr(self, "_last_gold", None)
-        with open(path, "a", encoding="utf-8") as fh:
-            for i in range(n):
-                fh.write(json.dumps({"step": row["step"], "ppo_step": row["ppo_step"], "phase": row["phase"],
-                                     "prompt": prompts[i], "response": responses[i],
-                                     "score": exp.scores[i].item(), "gold": gold[i] if gold else None}) + "\n")
+        if n:
+            texts = self._decode(exp.prompt_ids[:n], exp.prompt_mask[:n], exp.response_ids[:n], exp.mask[:n])
+            write_samples(path, row, *texts, exp.scores[:n].tolist(), getattr(self, "_last_gold", None))
 
     def _collapse_check(self, row: dict, pretrain: bool) -> str | None:
         if self.cfg.collapse_guard == "off" or pretrain:
@@ -583,26 +561,9 @@ class PPOTrainer:
         if mode != "warn" or self.iteration - getattr(self, "_last_collapse_warn", -10**9) >= 25:
             self._last_collapse_warn = self.iteration
             logger.warning("iteration %d: collapse signal: %s", self.iteration, "; ".join(reasons))
-        if mode == "stop":
-            return "stop"
         if mode == "rollback":
-            healthy = self.last_healthy
-            if not healthy or not (Path(healthy) / "COMPLETE").exists():
-                logger.warning("collapse guard 'rollback': no healthy checkpoint to roll back to (%s); continuing "
-                               "as 'warn'", healthy or "none saved yet")
-                return None
-            # η × factor; an η of 0 (vanilla) would stay 0, so it becomes the PPO-max value instead.
-            eta = self.kl_coef * self.cfg.rollback_kl_factor if self.kl_coef > 0 else _PPO_MAX_KL_COEF
-            logger.warning("rolling back to %s; η %g -> %g", healthy, self.kl_coef, eta)
-            it = self.iteration
-            self._load(Path(healthy), restore_rng=False)
-            self.kl_coef = eta
-            if self.kl_ctl is not None:
-                self.kl_ctl.value = self.kl_coef
-            self.iteration = it  # keep counting forward: metrics rows stay unique
-            self.last_healthy = healthy
-            return "rollback"
-        return None
+            return "rollback" if run_state.rollback(self) else None
+        return "stop" if mode == "stop" else None
 
     # =========================================================================================
     # Checkpoints

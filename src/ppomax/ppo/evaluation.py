@@ -1,0 +1,130 @@
+"""Evaluation during PPO (``--eval_steps``) and the best checkpoint (``--metric_for_best_model``).
+
+Every ``eval_steps`` PPO iterations the policy samples one response per held-out prompt
+(``--eval_dataset`` or ``eval_prompts=`` in Python) at the training temperature, with a fixed
+seed and without touching the training RNG streams (so resume stays exact), and the row gets
+``eval/rm_reward``, ``eval/kl``, ``eval/length``, ``eval/truncated``, ``eval/perplexity`` and,
+where the task has a judge (``gold_fn``), ``eval/gold``.
+
+With ``--metric_for_best_model`` (names as in transformers' TrainingArguments; ``gold`` and
+``eval/gold`` both work), the checkpoint with the best value so far is kept in
+``<output_dir>/best/checkpoint-N`` (plus ``best/best.json``). It lives apart from the periodic
+checkpoints: their rotation and the collapse guard's rollback target never delete it, and it
+never deletes them. ``--load_best_model_at_end`` loads its weights when training ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("ppomax")
+
+EVAL_METRICS = ("rm_reward", "gold", "kl", "length", "truncated", "perplexity")
+_LOWER_IS_BETTER = ("kl", "length", "truncated", "perplexity")
+
+
+def metric_key(name: str) -> str:
+    """'gold', 'eval/gold' or 'eval_gold' -> 'gold'."""
+    for prefix in ("eval/", "eval_"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def greater_is_better(metric: str, setting: bool | None) -> bool:
+    """The setting, or by default: higher is better except for kl, length, truncated and perplexity."""
+    return setting if setting is not None else metric_key(metric) not in _LOWER_IS_BETTER
+
+
+class BestTracker:
+    """The best value of ``eval/<metric>`` seen so far and its iteration (saved in the run state)."""
+
+    def __init__(self, metric: str, greater: bool) -> None:
+        self.key, self.greater = f"eval/{metric_key(metric)}", greater
+        self.value: float | None = None
+        self.step: int | None = None
+
+    def improves(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value > self.value if self.greater else value < self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "value": self.value, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.value, self.step = state.get("value"), state.get("step")
+
+
+@torch.no_grad()
+def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
+    """``eval/*`` metrics of the trainer's current policy on ``prompt_ids``."""
+    from ppomax.data import collate_prompts
+
+    cfg = tr.cfg
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 7919)  # the same eval samples for a given policy, whatever the step
+    tr.policy.eval()
+    sums = {"rm_reward": 0.0, "kl": 0.0, "length": 0.0, "truncated": 0.0, "nll": 0.0, "gold": 0.0}
+    try:
+        for s in range(0, len(prompt_ids), cfg.generation_batch_size):
+            batch = collate_prompts(prompt_ids[s : s + cfg.generation_batch_size], tr.pad_id)
+            p_ids, p_mask = batch["input_ids"].to(tr.device), batch["attention_mask"].to(tr.device)
+            gen = tr.engine.generate(p_ids, p_mask, tr.sampling)
+            resp, mask = gen.response_ids, gen.mask
+            parts = (p_ids, p_mask, resp, mask)
+            logp = tr._in_chunks(lambda *x: tr._logprobs(tr.policy, x, cfg.temperature), parts) * mask
+            ref = tr._in_chunks(lambda *x: tr._ref_logprobs(x), parts) * mask
+            sums["rm_reward"] += tr._score(*parts).sum().item()
+            sums["kl"] += (logp - ref).sum().item()
+            sums["nll"] -= logp.sum().item()
+            sums["length"] += mask.sum().item()
+            sums["truncated"] += gen.truncated.float().sum().item()
+            if tr.gold_fn is not None:
+                prompts, responses = tr._decode(*parts)
+                sums["gold"] += float(sum(tr.gold_fn(prompts, responses, gen.truncated.tolist())))
+    finally:
+        torch.set_rng_state(rng)
+    n, n_tok = len(prompt_ids), max(sums["length"], 1.0)
+    out = {f"eval/{k}": sums[k] / n for k in ("rm_reward", "kl", "length", "truncated")}
+    out["eval/perplexity"] = float(torch.exp(torch.tensor(min(sums["nll"] / n_tok, 50.0))))
+    if tr.gold_fn is not None:
+        out["eval/gold"] = sums["gold"] / n
+    return out
+
+
+def save_best(tr, value: float) -> Path | None:
+    """Write the current state as ``best/checkpoint-<iteration>`` (the previous best is replaced)."""
+    from ppomax.ppo import state as run_state
+
+    path = run_state.save(tr, run_dir=tr.out / "best", save_total_limit=1)
+    if path is not None and tr.dist.is_main:
+        info = {"metric": tr.best.key, "value": value, "step": tr.iteration, "checkpoint": path.name,
+                "greater_is_better": tr.best.greater}
+        (tr.out / "best" / "best.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return path
+
+
+def load_best(tr) -> Path | None:
+    """Load the best checkpoint's weights into the trainer's models (``--load_best_model_at_end``)."""
+    from ppomax import models as M
+    from ppomax.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(tr.out / "best")
+    if not ckpts:
+        logger.warning("load_best_model_at_end: no best checkpoint in %s; keeping the final weights", tr.out / "best")
+        return None
+    path = ckpts[-1]
+    M.load_weights_into(tr.policy, path / "policy")
+    if tr.critic is not None:
+        M.load_weights_into(tr.critic, path / "critic")
+    tr.engine.sync(tr.policy)
+    logger.info("loaded the best model (%s = %s at iteration %s) from %s", tr.best.key, tr.best.value,
+                tr.best.step, path)
+    return path
