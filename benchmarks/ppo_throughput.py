@@ -170,7 +170,8 @@ def child_ppomax(spec: dict) -> dict:
             num_ppo_epochs=1, max_prompt_length=c["prompt"], response_length=c["response"], temperature=TEMPERATURE,
             stop_at_eos=False, critic_pretrain_steps=0, max_steps=n_iter, save_steps=10**6, report_to="none",
             disable_tqdm=True, learning_rate=1e-5, critic_learning_rate=1e-5, bf16=spec["bf16"],
-            torch_compile=spec.get("compile", False),
+            torch_compile=spec.get("compile", False), rollout_engine=spec.get("engine", "hf"),
+            **({"vllm_kv_cache_memory_gib": 1.0, "vllm_enforce_eager": True} if spec.get("engine") == "vllm" else {}),
         )
         trainer = PPOTrainer(cfg, prompts=prompts)
         stamps: list[float] = []
@@ -308,7 +309,7 @@ def _stats(xs: list[float]) -> dict:
 def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
     models = build_models(cfg, root / name)
     spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16,
-            "compile": args.compile}
+            "compile": args.compile, "engine": args.engine}
     # label -> (child, spec): with --bf16 ppomax runs in bf16, TRL in fp32, and ppomax fp32 alongside
     kinds = {"ppomax": ("ppomax", spec)}
     if not args.skip_trl:
@@ -317,6 +318,8 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
         kinds["ppomax_fp32"] = ("ppomax", dict(spec, bf16=False, compile=False))
     if args.compile:  # torch.compile (issue #5): the same ppomax run without compile alongside
         kinds["ppomax_eager"] = ("ppomax", dict(spec, compile=False))
+    if args.engine == "vllm":  # the vLLM rollout engine (issue #12): the hf engine alongside, same run
+        kinds["ppomax_hf"] = ("ppomax", dict(spec, engine="hf"))
     runs: dict[str, list[dict]] = {label: [] for label in kinds}
     for rep in range(args.repeats):
         for label, (kind, sp) in kinds.items():
@@ -366,6 +369,14 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
         # each compiled run against the eager run right after it
         out["compile_speedup_per_pair"] = [round(statistics.median(e["s_per_iter"]) / statistics.median(c["s_per_iter"]), 2)
                                            for c, e in zip(runs["ppomax"], eg)]
+    if args.engine == "vllm":
+        hf = runs["ppomax_hf"]
+        out["ppomax_hf_s_per_iter"] = _stats([x for r in hf for x in r["s_per_iter"]])
+        out["ppomax_hf_phase_s"] = {k.split("/")[1]: round(statistics.median(r["phases"][k] for r in hf), 4)
+                                    for k in hf[0]["phases"]}
+        out["ppomax_hf_peak_rss_mb"] = max(r["peak_rss_mb"] for r in hf)
+        out["vllm_speedup_vs_hf"] = round(out["ppomax_hf_s_per_iter"]["median"] / out["ppomax_s_per_iter"]["median"], 2)
+        out["vllm_generate_speedup_vs_hf"] = round(out["ppomax_hf_phase_s"]["generate"] / phases["generate"], 2)
     if runs.get("trl"):
         tm = [x for r in runs["trl"] for x in r["s_per_iter"]]
         out["trl_s_per_iter"] = _stats(tm)
@@ -456,6 +467,10 @@ def print_table(results: dict) -> None:
                   f"faster (per pair {r['compile_speedup_per_pair']}){speedup_eager}; first iteration "
                   f"{r['ppomax_first_iter_s']:.1f} s compiled vs {r['ppomax_eager_first_iter_s']:.1f} s eager; "
                   f"eager phases {r['ppomax_eager_phase_s']}; eager gen MFU {r['ppomax_eager_gen_mfu']:.1%}")
+        if "ppomax_hf_s_per_iter" in r:
+            print(f"       engine vllm vs hf: hf {fmt(r['ppomax_hf_s_per_iter'])} s/iter, vllm "
+                  f"{r['vllm_speedup_vs_hf']:.2f}x per iteration, {r['vllm_generate_speedup_vs_hf']:.2f}x in generation; "
+                  f"hf phases {r['ppomax_hf_phase_s']}; RSS hf {r['ppomax_hf_peak_rss_mb']:.0f} MB")
         if "ppomax_fp32_s_per_iter" in r:
             print(f"       bf16: ppomax fp32 {fmt(r['ppomax_fp32_s_per_iter'])} s/iter (bf16 speedup "
                   f"{r['bf16_speedup_vs_ppomax_fp32']:.2f}x); reward curve bf16 {r['reward_curve_bf16']} vs fp32 "
@@ -472,6 +487,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="measured iterations per run (after 1 warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating ppomax/TRL run pairs per config")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                    help="ppomax's rollout engine; vllm (in a venv with vllm, see README) also runs the hf engine "
+                         "alongside and reports both")
     ap.add_argument("--scaling", action="store_true",
                     help="instead of the configs: s/iter on M as batch goes 16->128 and response length 32->256")
     ap.add_argument("--scaling-iters", type=int, default=3)
