@@ -1,10 +1,13 @@
 """PPOTrainer: the PPO-max loop, top to bottom.
 
 One iteration (PPO_MAX.md "One PPO iteration"):
-    make_experience  -> sample prompts, generate, score, forward π_old / π_ref / V_old
-    compute_advantages -> score processing (Eq. 18), KL shaping, GAE (Eq. 12-13)
-    update           -> num_ppo_epochs × mini-batches of clipped policy + value loss (+ ptx)
-    log / checkpoint / collapse guard
+    make_experience  -> sample prompts (k per prompt), generate with the rollout engine
+                        (ppomax.engines: hf or vllm), score, forward π_old / π_ref / V_old
+    compute_advantages -> score processing (Eq. 18), KL shaping, the advantage estimator
+                        (ppo/advantages.py: GAE, or critic-free grpo / rloo / reinforce_pp)
+    update           -> num_ppo_epochs × mini-batches of clipped policy (+ value) loss (+ ptx),
+                        then the engine is synced to the new weights
+    eval (--eval_steps) / log / checkpoint (ppo/state.py) / collapse guard
 
 Critic pre-training (Sec. 5.4) runs the same loop with the policy frozen for
 ``critic_pretrain_steps`` iterations first.
