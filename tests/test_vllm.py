@@ -201,3 +201,32 @@ def test_lora_policy_syncs_its_merged_weights(models, tmp_path):
     tr.engine.close()
     assert merged_gap < TOL and base_gap > 1e-3, (merged_gap, base_gap)
     assert not any("merged" in n for n, _ in tr.policy.named_parameters())  # the policy itself was not merged
+
+
+@needs_vllm
+@pytest.mark.parametrize("case, match", [
+    ("architecture", r"vLLM cannot serve architecture \['NoSuchModelForCausalLM'\]; use --rollout_engine hf"),
+    ("head_size", r"attention head size 16 is not supported by vLLM's CPU attention"),
+    ("memory", r"vllm_gpu_memory_utilization = 0.99 asks for .* GiB of host RAM but .* GiB are free"),
+    ("sleep", r"vLLM's CPU backend has no sleep mode"),
+])
+def test_bad_vllm_settings_are_clear_errors_before_training(models, tmp_path, case, match):
+    from ppomax.models import build_tiny_model, load_causal_lm
+
+    kw, policy = {}, copy.deepcopy(models.policy)
+    if case == "architecture":
+        policy.config.architectures = ["NoSuchModelForCausalLM"]
+    elif case == "head_size":  # 4 heads of 16: below the CPU backend's smallest head size
+        policy = load_causal_lm(build_tiny_model(tmp_path / "h16", num_layers=1, hidden_size=64, num_heads=4))
+    elif case == "memory":
+        kw = {"vllm_kv_cache_memory_gib": None, "vllm_gpu_memory_utilization": 0.99}
+    else:
+        kw = {"vllm_enable_sleep_mode": True}
+    from ppomax.ppo.trainer import PPOTrainer
+
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": models.sft, "output_dir": str(tmp_path / "o"),
+                                              **kw})
+    with pytest.raises(UserError, match=match):
+        PPOTrainer(cfg, policy=policy, ref_policy=models.ref, critic=copy.deepcopy(models.critic),
+                   tokenizer=models.tokenizer, prompts=PROMPTS, reward_fn=share_of_the)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained, nothing written
