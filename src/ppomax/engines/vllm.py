@@ -120,6 +120,25 @@ def _check_servable(base: torch.nn.Module, on_cpu: bool) -> None:
                             f"vLLM's CPU attention (sizes {sizes}); use --rollout_engine hf")
 
 
+@contextlib.contextmanager
+def _no_chat_warmup_warning():
+    """vLLM's ``LLM()`` warms up chat-template rendering, which needs a tokenizer; ppomax starts it with
+    ``skip_tokenizer_init=True`` (it hands vLLM token ids, never chat), so the warm-up fails and logs a
+    traceback that is no error of the run. Drop that one record while the engine starts."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Chat template warmup failed" not in record.getMessage()
+
+    log, drop = logging.getLogger("vllm.renderers.base"), _Drop()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 class VLLMEngine:
     """A colocated vLLM engine sampling ``policy`` (PPOConfig / EvalConfig ``vllm_*`` settings)."""
 
@@ -160,12 +179,13 @@ class VLLMEngine:
             if max_len else None
         kw = {"kv_cache_memory_bytes": int(kv_gib * 2**30)} if kv_gib else {"gpu_memory_utilization": util}
         try:
-            self.llm = LLM(
-                model=_model_dir(cfg, policy, self._tmp), load_format="dummy", skip_tokenizer_init=True,
-                dtype=dtype, seed=int(getattr(cfg, "seed", 0)), max_model_len=max_len,
-                logprobs_mode="processed_logprobs", generation_config="vllm",  # sampling only from Sampling
-                enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", False)), enable_sleep_mode=self.sleep,
-                trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)), **kw)
+            with _no_chat_warmup_warning():
+                self.llm = LLM(
+                    model=_model_dir(cfg, policy, self._tmp), load_format="dummy", skip_tokenizer_init=True,
+                    dtype=dtype, seed=int(getattr(cfg, "seed", 0)), max_model_len=max_len,
+                    logprobs_mode="processed_logprobs", generation_config="vllm",  # sampling only from Sampling
+                    enforce_eager=bool(getattr(cfg, "vllm_enforce_eager", False)), enable_sleep_mode=self.sleep,
+                    trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)), **kw)
         except Exception as e:
             raise UserError(f"rollout_engine = 'vllm': vLLM failed to start ({type(e).__name__}: {e}). If it is "
                             f"memory: lower --vllm_gpu_memory_utilization or set --vllm_kv_cache_memory_gib") from e
