@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,8 @@ def test_readme_demo_table_is_in_the_demos_format():
 def test_parse_demo_table_rejects_a_drifted_table():
     """The check above can fail: a README row with a wrong decimal count or a dropped column."""
     table = readme_demo_table()
-    three_decimals = table.replace(" 0.74", "0.740", 1)
-    assert summary_table(parse_demo_table(three_decimals)) != three_decimals
+    three_decimals = re.sub(r" (\d+\.\d\d)(?=\s|$)", lambda m: m.group(1) + "0", table, count=1)  # " 3.35" -> "3.350"
+    assert three_decimals != table and summary_table(parse_demo_table(three_decimals)) != three_decimals
     header, *rows = table.splitlines()
     with pytest.raises(AssertionError, match="columns"):
         parse_demo_table("\n".join([header.replace("   gold_peak", ""), *rows]))
