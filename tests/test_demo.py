@@ -115,6 +115,29 @@ def test_ablate_two_variants(quick_demo, tmp_path):
     assert (out / "runs" / "no_kl" / "seed0" / "eval.json").exists()
 
 
+def test_ablate_estimator_variants_by_name_with_a_budget(quick_demo, tmp_path):
+    """Built-in variants by name (the critic-free estimators, issue #14) and --budget (issue #15)."""
+    from ppomax.ablate import parse_variants, scaled_budget
+    from ppomax.demo import QUICK
+
+    assert parse_variants("ppo_max;grpo;dr_grpo")["dr_grpo"] == {
+        "advantage_estimator": "grpo", "num_samples_per_prompt": 4, "grpo_scale_rewards": False,
+        "loss_reduction": "token_sum"}
+    assert (scaled_budget(QUICK, 0.5).ppo_steps, scaled_budget(QUICK, 0.5).critic_pretrain_steps) == (10, 2)
+    out = tmp_path / "abl"
+    rc = main(["ablate", "--quick", "--output_dir", str(out), "--cache_dir", str(quick_demo / "assets"),
+               "--variants", "rloo", "--ppo_steps", "4", "--budget", "0.5", "--disable_tqdm"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (out / "runs" / "rloo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ppo_step"] for r in rows] == [1, 2] and all(r["phase"] == "ppo" for r in rows)  # no critic
+    assert not any(k.startswith("critic/") for r in rows for k in r)
+    # the same number of responses per iteration as ppo_max: 32 / k prompts × k = 4 samples
+    import yaml
+
+    cfg = yaml.safe_load((out / "runs" / "rloo" / "seed0" / "config.yaml").read_text())["config"]
+    assert cfg["rollout_batch_size"] * cfg["num_samples_per_prompt"] == QUICK.rollout_batch_size
+
+
 @pytest.mark.slow
 def test_full_demo_shows_the_papers_contrast(tmp_path):
     """Default seed and budget: vanilla over-optimises the RM, PPO-max stays aligned (≈ 7 min)."""

@@ -78,6 +78,16 @@ def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def scaled_budget(b, factor: float):
+    """--budget: the demo budget ``b`` with its PPO iterations and critic pre-training scaled by ``factor``."""
+    import dataclasses
+
+    if factor == 1.0:
+        return b
+    return dataclasses.replace(b, ppo_steps=max(1, round(b.ppo_steps * factor)),
+                               critic_pretrain_steps=max(1, round(b.critic_pretrain_steps * factor)))
+
+
 def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     import torch
 
@@ -104,7 +114,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     demo_cfg = DemoConfig(output_dir=str(out), quick=cfg.quick, seed=cfg.seed, ppo_steps=cfg.ppo_steps,
                           cache_dir=cfg.cache_dir, disable_tqdm=cfg.disable_tqdm)
-    b = budget_for(demo_cfg)
+    b = scaled_budget(budget_for(demo_cfg), cfg.budget)
     assets = build_assets(demo_cfg, b)
     prompts = reviews.prompts(4096, seed=cfg.seed + 10)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
@@ -118,7 +128,7 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
         preset = overrides.pop("preset", "ppo_max")
         cfgs[(name, seed)] = ppo_config(preset, run_dir, assets["paths"], b, seed, cfg.disable_tqdm, **overrides)
     print(f"[ablate] {len(variants)} variants × {len(seeds)} seeds, {b.ppo_steps} PPO iterations each", flush=True)
-    all_rows = run_methods(cfgs, prompts, parallel=cfg.parallel)
+    all_rows = run_methods(cfgs, prompts, parallel=cfg.parallel, eta=not cfg.disable_tqdm)
     for (name, seed), run_dir in progress(list(jobs.items()), desc="evaluate", disable=cfg.disable_tqdm):
         rows = all_rows[(name, seed)]
         res_path = run_dir / "eval.json"

@@ -503,6 +503,7 @@ class AblateConfig:
     quick: bool = opt(False, "The demo's quick budget.")
     seed: int = opt(0, "First seed (seeds are seed, seed+1, ...).", ge=0)
     ppo_steps: int = opt(-1, "PPO iterations per run (-1: the mode's default).", ge=-1)
+    budget: float = opt(1.0, "Scale the PPO iterations and critic pre-training of every run (0.5: half as long).", gt=0)
     cache_dir: str | None = opt(None, "Task asset cache (default: <output_dir>/assets).")
     num_threads: int = opt(1, "torch threads for SFT / RM / evaluation (0: torch's default); PPO runs use 1 each.", ge=0)
     parallel: bool = opt(True, "Run two PPO runs side by side (one thread each) when 2+ cores.")

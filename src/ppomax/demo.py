@@ -263,22 +263,36 @@ def _run_method_single_thread(cfg: PPOConfig, prompts: list[str], position: int)
     return run_method(cfg, prompts)
 
 
-def run_methods(cfgs: dict[str, PPOConfig], prompts: list[str], parallel: bool) -> dict[str, list[dict]]:
-    """Train every method, each single-threaded; side by side in worker processes if ``parallel``."""
-    if not parallel or len(cfgs) == 1 or (os.cpu_count() or 1) < 2:
-        threads = torch.get_num_threads()
-        try:
-            return {m: _run_method_single_thread(c, prompts, 0) for m, c in cfgs.items()}
-        finally:
-            torch.set_num_threads(threads)
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def run_methods(cfgs: dict, prompts: list[str], parallel: bool, eta: bool = False) -> dict[str, list[dict]]:
+    """Train every method, each single-threaded; side by side in worker processes if ``parallel``.
+    ``eta``: a progress bar over the runs with the time left (ppomax ablate's many runs)."""
+    from ppomax.training import progress
 
-    workers = min(len(cfgs), os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers)
-                   for i, (m, c) in enumerate(cfgs.items())}
-        return {m: f.result() for m, f in futures.items()}
+    # below the workers' own bars (positions 0 and 1)
+    bar = progress(total=len(cfgs), desc="runs", disable=not eta or len(cfgs) < 2, position=min(len(cfgs), 2))
+    try:
+        if not parallel or len(cfgs) == 1 or (os.cpu_count() or 1) < 2:
+            threads = torch.get_num_threads()
+            try:
+                out = {}
+                for m, c in cfgs.items():
+                    out[m] = _run_method_single_thread(c, prompts, 0)
+                    bar.update(1)
+                return out
+            finally:
+                torch.set_num_threads(threads)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(len(cfgs), os.cpu_count() or 1)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers)
+                       for i, (m, c) in enumerate(cfgs.items())}
+            for f in futures.values():
+                f.add_done_callback(lambda _: bar.update(1))
+            return {m: f.result() for m, f in futures.items()}
+    finally:
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -267,10 +267,11 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0):
+def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0,
+             position: int | None = None):
     from tqdm.auto import tqdm
 
     # Parallel demo workers each draw their bar on their own line (PPOMAX_TQDM_POSITION).
-    position = int(os.environ.get("PPOMAX_TQDM_POSITION", "0"))
+    position = int(os.environ.get("PPOMAX_TQDM_POSITION", "0")) if position is None else position
     return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, dynamic_ncols=True,
                 leave=True, position=position)
