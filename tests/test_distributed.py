@@ -422,3 +422,53 @@ def test_two_process_resume_equals_an_uninterrupted_run(setup, tmp_path, shardin
     w_cut = load_file(tmp_path / "cut" / "checkpoint-3" / "policy" / "model.safetensors")
     for name in w_full:
         torch.testing.assert_close(w_cut[name], w_full[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _vllm_sync_weights_worker(rank: int, world: int, port: int, model_dir: str, out: str, kw: dict) -> None:
+    """What the vLLM engine's sync pushes (engines.vllm.merged_weights) from a sharded policy after an
+    update: every rank gathers; rank 0 saves the tensors and the policy's own gathered weights."""
+    from ppomax import sharding
+    from ppomax.engines.vllm import merged_weights
+    from ppomax.ppo.trainer import PPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = PPOTrainer(_config(model_dir, out, sharding="zero3", **kw), prompts=PROMPTS, reward_fn=n_words)
+    assert sharding.is_sharded(trainer.policy)
+    trainer.step()  # the weights moved: the sync must carry the updated (and, with LoRA, merged) weights
+    pushed = dict(merged_weights(trainer.policy))
+    gathered = sharding.GatheredModel(trainer.policy)  # the checkpoint path's gather, independent of the sync's
+    if rank == 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            gathered.save_pretrained(d)
+            torch.save({"pushed": pushed}, os.path.join(out, "pushed.pt"))
+            import shutil
+
+            shutil.copytree(d, os.path.join(out, "policy"))
+    trainer = None
+    from ppomax.distributed import shutdown
+
+    shutdown()
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_peft": True}], ids=["full", "lora"])
+def test_vllm_sync_gathers_a_sharded_policy(setup, tmp_path, kw):
+    """Issue #12: a sharded (FSDP2) policy is gathered for the vLLM weight sync; with LoRA the pushed
+    weights are the merged ones. Compared with the saved (gathered, and for LoRA merged) policy."""
+    from ppomax.models import load_causal_lm
+
+    _, model_dir = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    mp.start_processes(_vllm_sync_weights_worker, args=(2, _free_port(), model_dir, str(out), kw), nprocs=2,
+                       join=True, start_method="spawn")
+    pushed = torch.load(out / "pushed.pt", weights_only=True)["pushed"]
+    saved = load_causal_lm(out / "policy").state_dict()  # a LoRA checkpoint loads merged (load_merged_lora)
+    start = load_causal_lm(model_dir).state_dict()
+    assert set(saved) <= set(pushed), sorted(set(saved) - set(pushed))[:3]
+    for k, v in saved.items():
+        torch.testing.assert_close(pushed[k], v, rtol=0, atol=2e-6, msg=k)
+    assert any(not torch.equal(pushed[k], start[k]) for k in start)  # the update is in what is pushed
