@@ -514,3 +514,29 @@ def test_nan_reward_skips_the_update_then_stops(models, tmp_path):
     assert [r["step"] for r in rows] == [1] and rows[0]["skipped"] == 1.0
     for k, v in tr.policy.named_parameters():
         assert torch.equal(v, p0[k]), k
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimator_cli_end_to_end(dirs, models, tmp_path, estimator):
+    """Issue #14: each critic-free estimator trains from the CLI; no critic in the rows or checkpoints."""
+    from ppomax import cli
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    ScalarHeadModel.from_causal_lm(dirs.sft).save_pretrained(rm_dir, tokenizer=models.tokenizer)
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": p} for p in PROMPTS])
+    out = tmp_path / "out"
+    k = "1" if estimator == "reinforce_pp" else "2"
+    rc = cli.main(["ppo", "--advantage_estimator", estimator, "--num_samples_per_prompt", k, "--model_name_or_path",
+                   dirs.sft, "--reward_model_path", str(rm_dir), "--dataset", str(prompts), "--output_dir", str(out),
+                   "--max_steps", "2", "--rollout_batch_size", "4", "--num_mini_batches", "2",
+                   "--per_device_train_batch_size", "2", "--generation_batch_size", "8", "--response_length", "6",
+                   "--learning_rate", "1e-3", "--save_steps", "2", "--report_to", "none", "--disable_tqdm"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["ppo", "ppo"]  # no critic pre-training without a critic
+    assert not any(key.startswith("critic/") for r in rows for key in r)
+    ck = out / "checkpoint-2"
+    assert (ck / "policy" / "model.safetensors").exists() and not (ck / "critic").exists()
+    assert not (ck / "optimizer-critic.pt").exists()
