@@ -407,14 +407,20 @@ def test_ppo_max_raises_reward_with_bounded_kl(models, tmp_path):
     assert not any(r.get("skipped") for r in rows)
 
 
-def test_vanilla_cli_end_to_end(dirs, models, tmp_path):
-    from ppomax import cli
-
+def cli_inputs(dirs, models, tmp_path):
+    """A reward model (the SFT backbone + a fresh head, seeded) and a prompts file for CLI runs."""
     rm_dir = tmp_path / "rm"
     torch.manual_seed(0)
     ScalarHeadModel.from_causal_lm(dirs.sft).save_pretrained(rm_dir, tokenizer=models.tokenizer)
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": p} for p in PROMPTS])
+    return rm_dir, prompts
+
+
+def test_vanilla_cli_end_to_end(dirs, models, tmp_path):
+    from ppomax import cli
+
+    rm_dir, prompts = cli_inputs(dirs, models, tmp_path)
     out = tmp_path / "out"
     rc = cli.main(["ppo", "--preset", "vanilla", "--model_name_or_path", dirs.sft, "--reward_model_path", str(rm_dir),
                    "--dataset", str(prompts), "--output_dir", str(out), "--max_steps", "2", "--rollout_batch_size", "4",
@@ -521,11 +527,7 @@ def test_critic_free_estimator_cli_end_to_end(dirs, models, tmp_path, estimator)
     """Issue #14: each critic-free estimator trains from the CLI; no critic in the rows or checkpoints."""
     from ppomax import cli
 
-    rm_dir = tmp_path / "rm"
-    torch.manual_seed(0)
-    ScalarHeadModel.from_causal_lm(dirs.sft).save_pretrained(rm_dir, tokenizer=models.tokenizer)
-    prompts = tmp_path / "prompts.jsonl"
-    write_jsonl(prompts, [{"prompt": p} for p in PROMPTS])
+    rm_dir, prompts = cli_inputs(dirs, models, tmp_path)
     out = tmp_path / "out"
     k = "1" if estimator == "reinforce_pp" else "2"
     rc = cli.main(["ppo", "--advantage_estimator", estimator, "--num_samples_per_prompt", k, "--model_name_or_path",
