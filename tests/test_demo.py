@@ -105,14 +105,38 @@ def test_eval_cli_on_demo_policy(quick_demo, tmp_path):
 def test_ablate_two_variants(quick_demo, tmp_path):
     out = tmp_path / "abl"
     rc = main(["ablate", "--quick", "--output_dir", str(out), "--cache_dir", str(quick_demo / "assets"),
-               "--variants", "ppo_max:;no_kl:kl_coef=0", "--ppo_steps", "3", "--disable_tqdm"])
+               "--variants", "ppo_max:seeds=2;no_kl:kl_coef=0", "--ppo_steps", "3", "--disable_tqdm"])
     assert rc == 0
     text = (out / "ablation.md").read_text()
     assert "ppo_max" in text and "no_kl" in text
     data = json.loads((out / "ablation.json").read_text())
-    assert {r["variant"] for r in data["rows"]} == {"ppo_max", "no_kl"}
+    assert {r["variant"]: r["n_seeds"] for r in data["rows"]} == {"ppo_max": 2, "no_kl": 1}  # seeds= per variant
+    assert (out / "runs" / "ppo_max" / "seed1" / "DONE").exists() and not (out / "runs" / "no_kl" / "seed1").exists()
+    # advantage quality over the first PPO iterations (issue #15): a figure and the early critic columns
+    assert (out / "plots" / "advantage_quality.png").exists() and "Advantage quality" in text
+    assert "explained var. (it. 1–30)" in text
     # resumable: a second call re-uses the finished runs (their eval.json) without training
     assert (out / "runs" / "no_kl" / "seed0" / "eval.json").exists()
+
+
+def test_ablate_variant_spec_and_early_curve_stats():
+    from ppomax.ablate import curve_stats, parse_variants
+    from ppomax.config import ConfigError
+
+    # a built-in name with a body adds to its overrides; seeds= is the variant's own seed count
+    assert parse_variants("vanilla:seeds=5;no_value_clip:seeds=3")["vanilla"] == {"preset": "vanilla", "seeds": 5}
+    assert parse_variants("no_value_clip:seeds=3")["no_value_clip"] == {"cliprange_value": None, "seeds": 3}
+    for bad in ("ppo_max:seeds=0", "ppo_max:seeds=two"):
+        with pytest.raises(ConfigError, match="seeds"):
+            parse_variants(bad)
+    rows = [{"phase": "critic_pretrain", "ppo_step": 0, "critic/explained_variance": -9.0}]
+    rows += [{"phase": "ppo", "ppo_step": i, "critic/explained_variance": i / 100, "critic/value_loss": 1.0 / i,
+              "gold/mean": 0.5} for i in range(1, 41)]
+    st = curve_stats(rows)
+    assert st["ev_early"] == pytest.approx(sum(range(1, 31)) / 100 / 30)  # PPO iterations 1-30 only
+    assert st["value_loss_early"] == pytest.approx(sum(1.0 / i for i in range(1, 31)) / 30)
+    assert st["gold_early"] == 0.5
+    assert st["explained_variance"] == pytest.approx(sum(range(31, 41)) / 100 / 10)  # the last 10
 
 
 def test_ablate_estimator_variants_by_name_with_a_budget(quick_demo, tmp_path):

@@ -37,11 +37,19 @@ ESTIMATOR_VARIANTS: dict[str, dict[str, Any]] = {
 }
 KNOWN_VARIANTS = {**DEFAULT_VARIANTS, **ESTIMATOR_VARIANTS}
 
-METRICS = ("gold_final", "gold_peak", "kl", "perplexity", "length", "win_rate", "explained_variance")
+METRICS = ("gold_final", "gold_peak", "kl", "perplexity", "length", "win_rate", "explained_variance",
+           "ev_early", "value_loss_early", "gold_early")
+# Advantage quality early in training (paper Sec. 5.4, the critic pre-training study): the critic's
+# explained variance and value loss over the first EARLY PPO iterations, next to the gold they lead to.
+EARLY = 30
 
 
 def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
-    """'name:field=value,field=value;name2:...' or a YAML file {name: {field: value}}."""
+    """'name:field=value,field=value;name2:...' or a YAML file {name: {field: value}}.
+
+    A built-in name with a body adds the body to the built-in overrides ("vanilla:seeds=5"). The
+    key ``seeds`` (not a PPOConfig field) sets that variant's number of seeds instead of --seeds.
+    """
     from ppomax.config import coerce
 
     if spec is None:
@@ -57,10 +65,10 @@ def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
             if name in KNOWN_VARIANTS and not body:  # a built-in variant by name
                 raw[name] = KNOWN_VARIANTS[name]
                 continue
-            if not name or not body:
+            if not name or (not body and name not in KNOWN_VARIANTS):
                 raise ConfigError(f"AblateConfig.variants: cannot parse {part!r} (expected name:field=value,... or a "
                                   f"built-in name: {', '.join(KNOWN_VARIANTS)})")
-            kv = {}
+            kv = dict(KNOWN_VARIANTS.get(name.strip(), {}))
             for item in filter(None, (x.strip() for x in body.split(","))):
                 k, eq, v = item.partition("=")
                 if not eq:
@@ -71,6 +79,13 @@ def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
     for name, kv in raw.items():
         kv = dict(kv or {})
         for k, v in kv.items():
+            if k == "seeds":
+                try:
+                    kv[k] = int(v)
+                    assert kv[k] >= 1 and not isinstance(v, bool)
+                except (TypeError, ValueError, AssertionError):
+                    raise ConfigError(f"AblateConfig.variants: {name!r} sets seeds={v!r}; expected an integer ≥ 1") from None
+                continue
             if k not in PPOConfig.__dataclass_fields__:
                 raise ConfigError(f"AblateConfig.variants: {name!r} sets unknown PPOConfig field {k!r}")
             kv[k] = coerce(PPOConfig, k, v)
@@ -117,17 +132,17 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
     b = scaled_budget(budget_for(demo_cfg), cfg.budget)
     assets = build_assets(demo_cfg, b)
     prompts = reviews.prompts(4096, seed=cfg.seed + 10)
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    n_seeds = {v: variants[v].pop("seeds", cfg.seeds) for v in variants}
     ctx = None
     results: dict[str, list[dict]] = {}
     curves: dict[str, list[list[dict]]] = {}
-    jobs = {(v, s): out / "runs" / v / f"seed{s}" for v in variants for s in seeds}
+    jobs = {(v, s): out / "runs" / v / f"seed{s}" for v in variants for s in range(cfg.seed, cfg.seed + n_seeds[v])}
     cfgs = {}
     for (name, seed), run_dir in jobs.items():
         overrides = dict(variants[name])
         preset = overrides.pop("preset", "ppo_max")
         cfgs[(name, seed)] = ppo_config(preset, run_dir, assets["paths"], b, seed, cfg.disable_tqdm, **overrides)
-    print(f"[ablate] {len(variants)} variants × {len(seeds)} seeds, {b.ppo_steps} PPO iterations each", flush=True)
+    print(f"[ablate] {len(variants)} variants, {len(jobs)} runs, {b.ppo_steps} PPO iterations each", flush=True)
     all_rows = run_methods(cfgs, prompts, parallel=cfg.parallel, eta=not cfg.disable_tqdm)
     for (name, seed), run_dir in progress(list(jobs.items()), desc="evaluate", disable=cfg.disable_tqdm):
         rows = all_rows[(name, seed)]
@@ -137,13 +152,10 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
         else:
             ctx = ctx or EvalContext(assets["paths"], b, cfg.seed)
             m = ctx.evaluate(_final_policy(run_dir))
-            ppo_rows = [r for r in rows if r.get("phase") == "ppo"]
-            ev = [r["critic/explained_variance"] for r in ppo_rows[-10:] if "critic/explained_variance" in r]
             res = {"gold_final": m["gold"], "gold_peak": _gold_peak(rows), "kl": m["kl"], "perplexity": m["perplexity"],
-                   "length": m["length"], "win_rate": m["win_rate_vs_sft"], "win_rate_ci": m["win_rate_ci"],
-                   "explained_variance": sum(ev) / len(ev) if ev else float("nan")}
+                   "length": m["length"], "win_rate": m["win_rate_vs_sft"], "win_rate_ci": m["win_rate_ci"]}
             res_path.write_text(json.dumps(res))
-        results.setdefault(name, []).append(res)
+        results.setdefault(name, []).append({**res, **curve_stats(rows)})
         curves.setdefault(name, []).append(rows)
 
     base = "ppo_max" if "ppo_max" in results else next(iter(results))
@@ -159,8 +171,46 @@ def run_ablation(cfg: AblateConfig) -> dict[str, Any]:
                 _, lo, hi = welch_diff_ci(vals, [r[k] for r in results[base]])
                 row["significant"][k] = significant(lo, hi)
         table.append(row)
-    report = write_ablation_report(out, table, {n: mean_curve(c) for n, c in curves.items()}, baseline=base,
-                                   smooth=5 if b.ppo_steps >= 50 else 1)
+    mean_curves = {n: mean_curve(c) for n, c in curves.items()}
+    report = write_ablation_report(out, table, mean_curves, baseline=base, smooth=5 if b.ppo_steps >= 50 else 1,
+                                   extra=advantage_quality(mean_curves, out / "plots"))
     (out / "ablation.json").write_text(json.dumps({"rows": table, "runs": results}, indent=2, default=list))
     print(f"ablation report: {report}")
     return {"rows": table, "report": str(report)}
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def curve_stats(rows: list[dict]) -> dict[str, float]:
+    """From a run's training rows: the critic's explained variance over its last 10 PPO iterations,
+    and explained variance, value loss and training gold over the first EARLY PPO iterations."""
+    ppo = [r for r in rows if r.get("phase") == "ppo"]
+    early = [r for r in ppo if r.get("ppo_step", 0) <= EARLY]
+    get = lambda rs, k: [float(r[k]) for r in rs if k in r]  # noqa: E731
+    return {"explained_variance": _mean(get(ppo[-10:], "critic/explained_variance")),
+            "ev_early": _mean(get(early, "critic/explained_variance")),
+            "value_loss_early": _mean(get(early, "critic/value_loss")), "gold_early": _mean(get(early, "gold/mean"))}
+
+
+def advantage_quality(curves: dict[str, list[dict]], plot_dir: Path) -> list:
+    """Report blocks: explained variance, value loss and gold over the first EARLY PPO iterations
+    (``advantage_quality.png``), for the variants with a critic; none when no variant has one."""
+    from ppomax.report import _Panel, plot_grid
+
+    early = {n: [r for r in rows if r.get("ppo_step", 0) <= EARLY] for n, rows in curves.items()
+             if any("critic/explained_variance" in r for r in rows)}
+    if not early:
+        return []
+    panels = (_Panel("ev", ("critic/explained_variance",), ("-",), "Critic explained variance", "explained variance"),
+              _Panel("value_loss", ("critic/value_loss",), ("-",), "Critic value loss", "value loss"),
+              _Panel("gold", ("gold/mean",), ("-",), "Gold score (judge)", "gold score"))
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_grid(early, plot_dir / "advantage_quality.png", panels,
+                    f"Advantage quality over the first {EARLY} PPO iterations (mean over seeds)")
+    return [("h", 2, f"Advantage quality, first {EARLY} PPO iterations"),
+            ("img", f"plots/{png.name}", "critic explained variance, value loss and gold, first iterations"),
+            ("p", "Explained variance 1 − Var(R − V)/Var(R) of the critic on each rollout; ≤ 0 means its values do "
+                  "not track the returns and the GAE advantages are mostly noise (paper Sec. 5.4).")]

@@ -4,8 +4,7 @@ Reward and loss curves do not reveal over-optimisation (paper Sec. 5.2, App. A);
 therefore puts the paper's indicators side by side for every method: RM reward vs gold score,
 KL(π‖π_ref), policy perplexity on its own samples, response length and the reward tail.
 
-:data:`METRIC_DOCS` is the single source of the metric names and their meaning: logs, plots,
-reports and ``docs/metrics.md`` (via :func:`metrics_table_markdown`) all use it.
+:data:`ppomax.metrics_doc.METRIC_DOCS` is the single source of the metric names and their meaning.
 matplotlib is imported inside the plotting function (Agg backend) so ``import ppomax`` stays fast.
 """
 
@@ -20,96 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# name -> (meaning, what a collapse looks like). Indicators follow Zheng et al. 2023, Sec. 5.2.
-METRIC_DOCS: dict[str, tuple[str, str]] = {
-    "reward/raw_mean": ("mean reward-model score of the sampled responses, before normalisation", "keeps rising while gold/mean falls (reward hacking)"),
-    "reward/raw_p50": ("median raw RM score in the batch", "stays flat while p99 pulls away"),
-    "reward/raw_p90": ("90th percentile of the raw RM score", "separates from the median"),
-    "reward/raw_p99": ("99th percentile of the raw RM score", "grows a long tail far above p50"),
-    "reward/raw_max": ("largest raw RM score in the batch", "outlier scores explode"),
-    "reward/raw_std": ("standard deviation of the raw RM scores in the batch", "collapses to ~0: every response gets the same score (one fixed pattern)"),
-    "reward/truncated_mean": ("mean raw RM score of the responses that hit the length cap without EOS (logged when "
-                              "there are any; the score is before missing_eos_penalty)",
-                              "above reward/raw_mean: the RM rates unfinished text highly and PPO can exploit the cap"),
-    "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
-    "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
-    "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
-    "kl/ref": ("KL(π‖π_ref) per response on the sampled tokens (nats)", "rises steadily without levelling off"),
-    "kl/coef": ("KL penalty coefficient η in use (Sec. 5.3.1)", "an adaptive η keeps climbing: the policy keeps pulling away"),
-    "policy/perplexity": ("perplexity of the policy on its own samples", "falls towards 1: over-confident fixed patterns"),
-    "policy/entropy": ("mean token entropy of the policy on its samples (nats)", "falls towards 0"),
-    "policy/approx_kl": ("KL(π_old‖π_θ) within one update, k3 estimator (nats)", "spikes: updates too large"),
-    "policy/clipfrac": ("fraction of tokens whose PPO ratio was clipped", "high (≳ 0.3): the policy moves too far per update"),
-    "policy/loss": ("PPO clipped surrogate loss", "uninformative: looks normal during a collapse"),
-    "response/length_mean": ("mean response length (tokens)", "drifts, often up to the length cap"),
-    "response/truncated_frac": ("fraction of responses cut at the length cap", "climbs towards 1"),
-    "critic/value_loss": ("critic (clipped) value loss", "spikes or diverges"),
-    "critic/explained_variance": ("1 − Var(returns − values) / Var(returns)", "stays ≤ 0: the critic does not track returns, advantages are noise"),
-    "critic/clipfrac": ("fraction of value predictions clipped", "high: value targets jump between iterations"),
-    "adv/mean": ("mean advantage before whitening", "drifts far from 0"),
-    "adv/std": ("std of the advantages before whitening", "explodes or vanishes"),
-    "returns/mean": ("mean GAE return (value target)", "follows the reward tail upwards"),
-    "returns/std": ("std of the GAE returns", "shrinks to ~0 with a collapsed, uniform policy"),
-    "critic/value_mean": ("mean critic value V_old on response tokens", "drifts away from returns/mean"),
-    "ptx/loss": ("PPO-ptx LM loss on SFT / pre-training rows (Eq. 17)", "rises: the alignment tax grows, the policy forgets the SFT data"),
-    "eval/rm_reward": ("--eval_steps: mean reward (RM or reward_fn) of one sample per held-out prompt, fixed seed", "rises while eval/gold falls"),
-    "eval/gold": ("--eval_steps: mean gold-judge score on the held-out prompts (with a gold_fn)", "peaks, then falls: keep best/ (--metric_for_best_model gold)"),
-    "eval/kl": ("--eval_steps: mean summed KL(π‖π_ref) per held-out response (nats)", "rises without levelling off"),
-    "eval/length": ("--eval_steps: mean held-out response length (tokens, EOS included)", "drifts to the cap"),
-    "eval/truncated": ("--eval_steps: share of held-out responses that hit the cap without EOS", "climbs towards 1"),
-    "eval/perplexity": ("--eval_steps: policy perplexity on its held-out samples", "falls towards 1"),
-    "skipped": ("1 when the update was skipped for a non-finite value (cause in skip_cause)", "repeated skips stop the run (max_consecutive_skips)"),
-    "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
-    "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
-    "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),
-    "lr/critic": ("critic learning rate (schedule)", "not a collapse signal"),
-    "time/generate": ("seconds per iteration spent sampling responses", "grows with response length"),
-    "rollout/logprob_gap_mean": (
-        "--rollout_engine vllm: mean over response tokens of abs(vLLM's sampled-token log-prob − the trainer's log π_old) "
-        "(numerical gap between the two kernels; ~1e-6 in fp32, ~1e-2 in bf16)",
-        "a gap that grows while the policy does not move (lr 0) is a weight-sync bug (allenai/open-instruct#1473)"),
-    "rollout/logprob_gap_max": (
-        "--rollout_engine vllm: the largest such gap over the batch's response tokens",
-        "as rollout/logprob_gap_mean; a few large values point at one layer or token the sync missed"),
-    "time/score": ("seconds per iteration in the reward model and gold judge", "not a collapse signal"),
-    "time/forward": ("seconds per iteration in policy/reference/critic forward passes", "not a collapse signal"),
-    "time/train": ("seconds per iteration in PPO updates", "not a collapse signal"),
-    "time/iteration": ("wall-clock seconds per PPO iteration", "grows with response length"),
-    "tokens_per_s": ("generated response tokens per second", "not a collapse signal"),
-}  # fmt: skip
-
-
-# SFT and reward-model stages (metrics.jsonl of `ppomax sft` / `ppomax rm`).
-STAGE_METRIC_DOCS: dict[str, str] = {
-    "train/loss": "training loss (SFT: response-token NLL; RM: pairwise loss + β_rm · LM loss), mean since the last log",
-    "train/pair_loss": "RM: −log σ(r_w − r_l) (Eq. 2)",
-    "train/lm_loss": "RM with rm_lm_coef > 0: NLL of the chosen response",
-    "train/accuracy": "RM: share of training pairs with r_w > r_l",
-    "eval/loss": "held-out loss (SFT: token-mean NLL of response tokens; RM: pairwise loss)",
-    "eval/perplexity": "SFT: exp(eval/loss)",
-    "eval/accuracy": "RM: held-out pairwise accuracy (the paper warns it alone does not predict PPO success)",
-    "eval/margin": "RM: mean r_w − r_l on held-out pairs",
-    "grad_norm": "global gradient norm before clipping",
-    "lr": "learning rate after the schedule step",
-    "epoch": "fractional epoch",
-}
-
-
-METRICS_DOC_START, METRICS_DOC_END = "<!-- generated: METRIC_DOCS -->", "<!-- end generated -->"
-
-
-def update_metrics_doc(path: str | os.PathLike) -> None:
-    """Rewrite the generated PPO table of docs/metrics.md (between the two markers) from the code."""
-    text = Path(path).read_text(encoding="utf-8")
-    head, rest = text.split(METRICS_DOC_START, 1)
-    _, tail = rest.split(METRICS_DOC_END, 1)
-    Path(path).write_text(f"{head}{METRICS_DOC_START}\n{metrics_table_markdown()}\n{METRICS_DOC_END}{tail}", encoding="utf-8")
-
-
-def metrics_table_markdown() -> str:
-    """Render :data:`METRIC_DOCS` as a markdown table (the body of ``docs/metrics.md``)."""
-    rows = [[f"`{name}`", meaning, collapse] for name, (meaning, collapse) in METRIC_DOCS.items()]
-    return _md_table(["metric", "meaning", "what a collapse looks like"], rows, escape=False)
+from ppomax.metrics_doc import (  # noqa: F401  (re-exported: report is where users look for them)
+    METRIC_DOCS,
+    METRICS_DOC_END,
+    METRICS_DOC_START,
+    STAGE_METRIC_DOCS,
+    metrics_table_markdown,
+    update_metrics_doc,
+)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -308,32 +225,9 @@ def plot_curves(
         if not drawn_panels:
             return []
 
-        fig, axes = plt.subplots(2, 3, figsize=(18.0, 9.5), layout="constrained")
-        for ax, panel in zip(axes.flat, PANELS):
-            if not _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=False):
-                ax.set_title(panel.title)
-                ax.text(
-                    0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="#888888"
-                )
-                ax.set_xticks([])
-                ax.set_yticks([])
-        # one legend for the whole figure instead of six cramped ones
-        handles, labels = [], []
-        for ax in axes.flat:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in labels and not lab.startswith("_"):
-                    handles.append(h)
-                    labels.append(lab)
         suffix = f" (moving average over {smooth} steps)" if smooth > 1 else ""
-        # the legend title doubles as the figure title: fig.suptitle would collide with an
-        # "outside" legend under constrained layout
-        fig.legend(
-            handles, labels, loc="outside upper center", ncol=min(len(labels), 8), fontsize=12, frameon=False,
-            title=f"Collapse indicators during PPO{suffix}", title_fontproperties={"size": 15, "weight": "bold"},
-        )  # fmt: skip
-        overview = out / "overview.png"
-        fig.savefig(overview, dpi=110)
-        plt.close(fig)
+        overview = plot_grid(runs, out / "overview.png", PANELS, f"Collapse indicators during PPO{suffix}",
+                             baselines, smooth, colors)
     return [overview, *written]
 
 
@@ -359,6 +253,9 @@ _ABLATION_COLUMNS = {
     "perplexity": "perplexity",
     "length": "length (tokens)",
     "explained_variance": "explained var.",
+    "ev_early": "explained var. (it. 1–30)",
+    "value_loss_early": "value loss (it. 1–30)",
+    "gold_early": "gold (it. 1–30)",
 }
 _STAGES = ("start", "middle", "end")
 _READING_GUIDE = (
@@ -457,6 +354,42 @@ def _render(blocks: Sequence[Block], title: str, out_dir: Path, stem: str) -> Pa
     return out_dir / f"{stem}.md"
 
 
+def plot_grid(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, panels: Sequence[_Panel], title: str,
+              baselines: Mapping[str, float] | None = None, smooth: int = 1,
+              colors: Mapping[str, str] | None = None) -> Path:
+    """``panels`` side by side, three per row, with one legend for the figure; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = colors or method_colors(list(runs))
+    nrows = math.ceil(len(panels) / 3)
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(nrows, 3, figsize=(18.0, 4.75 * nrows), layout="constrained", squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            if not _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=False):
+                ax.set_title(panel.title)
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="#888888")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_axis_off()
+        handles, labels = [], []  # one legend for the whole figure instead of one per panel
+        for ax in axes.flat:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels and not lab.startswith("_"):
+                    handles.append(h)
+                    labels.append(lab)
+        # the legend title doubles as the figure title: fig.suptitle would collide with an
+        # "outside" legend under constrained layout
+        fig.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 8), fontsize=12,
+                   frameon=False, title=title, title_fontproperties={"size": 15, "weight": "bold"})
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return path
+
+
 def _plot_blocks(plots: Sequence[Path], out_dir: Path) -> tuple[list[Block], list[Block]]:
     """(overview image, "Curves" section with the individual panels), linked relative to out_dir."""
     rel = {Path(p).stem: Path(os.path.relpath(p, out_dir)).as_posix() for p in plots}
@@ -545,6 +478,7 @@ def write_ablation_report(
     *,
     title: str = "PPO-max ablation",
     smooth: int = 1,
+    extra: Sequence[Block] = (),
 ) -> Path:
     """Write ``ablation.md`` / ``ablation.html`` (+ curves under ``out_dir/plots``); return the .md path.
 
@@ -552,7 +486,8 @@ def write_ablation_report(
     metric (gold_final, gold_peak, win_rate, kl, perplexity, length, explained_variance) and
     ``significant``: metric -> bool (difference vs ``baseline`` excludes 0). Cells show
     ``mean ± half-width`` (just the mean for one seed); significant cells get a ``*``.
-    ``runs`` maps variant -> metrics rows, e.g. seed-averaged with :func:`mean_curve`.
+    ``runs`` maps variant -> metrics rows, e.g. seed-averaged with :func:`mean_curve`. ``extra``:
+    blocks shown after the table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,6 +515,7 @@ def write_ablation_report(
         ("table", ["variant", "seeds", *(_ABLATION_COLUMNS[k] for k in keys)], table),
         ("p", f"mean ± half-width of the 95% Student-t interval over seeds. * = the 95% Welch t-interval "
               f"of the difference to {baseline} excludes 0."),
+        *extra,
         ("h", 2, "How to read the curves"),
         ("p", _READING_GUIDE),
         *panels,
