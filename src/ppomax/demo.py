@@ -307,9 +307,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ppomax.training import set_seed
 
     if cfg.model == "smollm2":
-        from ppomax.smollm2 import run_smollm2_demo
+        from ppomax.smollm2_study import run_smollm2_study
 
-        return run_smollm2_demo(cfg)
+        return run_smollm2_study(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     M.quiet_transformers()

@@ -241,6 +241,7 @@ _SUMMARY_COLUMNS = {  # summary key -> column header, in display order
     "gold": "gold",
     "gold_peak": "gold peak",
     "win_rate_vs_sft": "win rate vs SFT [95% CI]",
+    "win_rate_vs_base": "win rate vs base [95% CI]",
     "kl": "KL (nats)",
     "perplexity": "perplexity",
     "length": "length (tokens)",
@@ -429,7 +430,7 @@ def write_report(
         cells = [name]
         for k in keys:
             cell = _fmt_value(m.get(k))
-            if k == "win_rate_vs_sft" and m.get("win_rate_ci") is not None and cell != _DASH:
+            if k.startswith("win_rate_vs") and m.get("win_rate_ci") is not None and cell != _DASH:
                 cell += " " + _fmt_value(list(m["win_rate_ci"]))
             cells.append(cell)
         rows.append(cells)
