@@ -65,3 +65,13 @@ def test_check_targets():
                           ({"ppo_max__kl": 11.0, "vanilla__kl": 40.0}, "bounded")]:
         ok, notes = S.check_targets(_methods(**over))
         assert not ok and [n for n in notes if n.startswith("✘")] == [n for n in notes if failing in n]
+
+
+def test_stage_cache_keys_ignore_the_ppo_budget():
+    import dataclasses
+
+    b = S.FULL
+    assert S._key(b, S.RM_FIELDS, 0) == S._key(dataclasses.replace(b, ppo_steps=3, learning_rate=1e-5), S.RM_FIELDS, 0)
+    assert S._key(b, S.PAIR_FIELDS, 0) != S._key(dataclasses.replace(b, response_length=8), S.PAIR_FIELDS, 0)
+    assert S._key(b, S.RM_FIELDS, 0) != S._key(dataclasses.replace(b, rm_lr=1e-4), S.RM_FIELDS, 0)
+    assert S._key(b, S.PAIR_FIELDS, 0) != S._key(b, S.PAIR_FIELDS, 1)

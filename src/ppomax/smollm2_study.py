@@ -149,6 +149,15 @@ class GoldJudge:
 # ---------------------------------------------------------------------------------------------
 
 
+PAIR_FIELDS = ("n_pair_prompts", "pair_beta", "response_length", "temperature")
+RM_FIELDS = (*PAIR_FIELDS, "rm_epochs", "rm_lr", "rm_batch")
+
+
+def _key(b: StudyBudget, fields: tuple[str, ...], seed: int) -> dict:
+    """What a cached stage depends on: changing the PPO budget keeps the pairs and the reward model."""
+    return {"budget": {f: getattr(b, f) for f in fields}, "seed": seed}
+
+
 def _done(path: Path, key: dict) -> bool:
     marker = path / "ppomax_study_done.json"
     return marker.exists() and json.loads(marker.read_text()) == key
@@ -165,7 +174,7 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
     from ppomax import models as M
     from ppomax.evaluate import sample_responses
 
-    key = {"budget": dataclasses.asdict(b), "seed": seed}
+    key = _key(b, PAIR_FIELDS, seed)
     if _done(out, key):
         return json.loads((out / "info.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -199,12 +208,13 @@ def train_rm(model_dir: Path, pairs: Path, out: Path, b: StudyBudget, seed: int,
     from ppomax.config import RewardConfig
     from ppomax.reward import train_reward_model
 
-    key = {"budget": dataclasses.asdict(b), "seed": seed}
+    key = _key(b, RM_FIELDS, seed)
     if _done(out, key):
         return json.loads((out / "info.json").read_text())
     cfg = RewardConfig(model_name_or_path=str(model_dir), dataset=str(pairs), output_dir=str(out), seed=seed,
                        num_train_epochs=b.rm_epochs, learning_rate=b.rm_lr, per_device_train_batch_size=b.rm_batch,
-                       eval_split=0.15, max_length=64, max_prompt_length=40, eval_steps=10_000, logging_steps=10, report_to="none",
+                       eval_split=0.15, max_length=64, max_prompt_length=40, eval_steps=10_000, logging_steps=10,
+                       report_to="none",
                        lr_scheduler_type="cosine", warmup_ratio=0.1, disable_tqdm=disable_tqdm,
                        overwrite_output_dir=True, save_total_limit=1)
     res = train_reward_model(cfg)
@@ -226,7 +236,8 @@ def ppo_config(method: str, out: Path, model_dir: Path, rm_dir: Path, b: StudyBu
         per_device_train_batch_size=b.rollout_batch_size // b.num_mini_batches,
         generation_batch_size=b.rollout_batch_size, num_ppo_epochs=b.num_ppo_epochs,
         response_length=b.response_length, temperature=b.temperature, learning_rate=b.learning_rate,
-        critic_learning_rate=b.critic_learning_rate, max_prompt_length=64, save_steps=max(8, b.ppo_steps // 4), save_total_limit=1, report_to="none",
+        critic_learning_rate=b.critic_learning_rate, max_prompt_length=64, save_steps=max(8, b.ppo_steps // 4),
+        save_total_limit=1, report_to="none",
         disable_tqdm=disable_tqdm, num_sample_generations=4,
     )
 
