@@ -223,8 +223,11 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> 
 
 
 def all_finite(model: nn.Module) -> bool:
-    """True when every parameter of this rank's shards is finite (the caller reduces over ranks)."""
-    flags = [torch.isfinite(local(p)).all() for p in model.parameters()]
+    """True when every trained parameter of this rank's shards is finite (the caller reduces over ranks).
+
+    Frozen parameters (a LoRA base) are skipped: no update touches them, and scanning 135M frozen
+    weights cost ~0.4 s per model per iteration on one CPU thread (SmolLM2 benchmark, issue #13)."""
+    flags = [torch.isfinite(local(p)).all() for p in model.parameters() if p.requires_grad]
     return not flags or bool(torch.stack(flags).all())
 
 
