@@ -179,3 +179,45 @@ def test_full_demo_shows_the_papers_contrast(tmp_path):
 
     assert (tmp_path / "demo" / "table.txt").read_text(encoding="utf-8") == summary_table(s) + "\n"
     assert summary_table(s) == readme_demo_table(), "README.md's demo table differs from this run's table.txt"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by a container's pid 1, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs /proc")
+def test_pool_workers_exit_when_the_demo_is_killed(tmp_path):
+    """A demo or ablate killed with SIGKILL leaves no worker training on: a rerun would otherwise
+    resume the run directory the orphan still writes checkpoints into."""
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    script = f"""
+import multiprocessing as mp, os, signal, time
+from concurrent.futures import ProcessPoolExecutor
+from ppomax.training import exit_with_parent
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                               initargs=(os.getpid(),))
+    futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+    time.sleep(1.0)
+    while len(pool._processes) < 2:
+        time.sleep(0.1)
+    open({str(pids)!r}, "w").write(" ".join(map(str, pool._processes)))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], timeout=120)
+    assert proc.returncode == -9
+    workers = [int(x) for x in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.time() + 15
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers), "orphaned pool workers kept running"

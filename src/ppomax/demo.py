@@ -284,8 +284,12 @@ def run_methods(cfgs: dict, prompts: list[str], parallel: bool, eta: bool = Fals
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        from ppomax.training import exit_with_parent
+
         workers = min(len(cfgs), os.cpu_count() or 1)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers)
                        for i, (m, c) in enumerate(cfgs.items())}
             for f in futures.values():

@@ -66,8 +66,8 @@ class StudyBudget:
 
     n_pair_prompts: int = 384  # training prompts, two samples each -> one preference pair
     pair_beta: float = 5.0  # Bradley-Terry temperature of the simulated labellers (as in the reviews demo)
-    rm_epochs: float = 1.0
-    rm_lr: float = 2e-5
+    rm_epochs: float = 3.0  # 1 epoch at 2e-5 left the held-out accuracy at chance (0.45)
+    rm_lr: float = 5e-5
     rm_batch: int = 8
     ppo_steps: int = 64
     critic_pretrain_steps: int = 5
@@ -367,7 +367,10 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     def train_all():
         if not cfg.parallel or (os.cpu_count() or 1) < 2:
             return {m: run_ppo(c) for m, c in cfgs.items()}
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+        from ppomax.training import exit_with_parent
+
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {m: pool.submit(run_ppo, c) for m, c in cfgs.items()}
             return {m: f.result() for m, f in futures.items()}
 

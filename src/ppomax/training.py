@@ -275,3 +275,25 @@ def progress(iterable=None, total: int | None = None, desc: str = "", disable: b
     position = int(os.environ.get("PPOMAX_TQDM_POSITION", "0")) if position is None else position
     return tqdm(iterable, total=total, desc=desc, disable=disable, initial=initial, dynamic_ncols=True,
                 leave=True, position=position)
+
+
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """In a worker process: exit as soon as ``parent`` (the pid that started it) is gone.
+
+    Use as ``ProcessPoolExecutor(initializer=exit_with_parent, initargs=(os.getpid(),))``: the pid
+    is passed, not read here, because a parent killed while the worker was still importing would
+    already have been replaced by init.
+
+    A demo or ablate killed with SIGTERM/SIGKILL cannot shut its ProcessPoolExecutor down, and
+    the orphaned workers would train on; a rerun would then resume the same run directory while
+    they still write checkpoints into it. A daemon thread watches the parent's pid instead.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)  # no cleanup: the parent's run is gone, the newest complete checkpoint is intact
+
+    threading.Thread(target=watch, name="ppomax-exit-with-parent", daemon=True).start()
