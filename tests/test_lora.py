@@ -217,3 +217,54 @@ def test_lora_with_gradient_checkpointing_and_bf16_autocast(tiny, tmp_path):
     after = lora_state(trainer.policy)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights stay fp32
+
+
+def test_reward_model_with_lora_saves_a_merged_scalar_head_model(tiny, tmp_path):
+    """`ppomax rm --use_peft` (issue #13: an RM step cheaper than a full fine-tune): only LoRA and the
+    head train; the output directory holds the adapters and a merged model that PPO loads as is."""
+    from ppomax.config import RewardConfig
+    from ppomax.data import write_jsonl
+    from ppomax.reward import train_reward_model
+
+    rows = [{"prompt": p, "chosen": " the cat sat", "rejected": " a dog ran"} for p in PROMPTS] * 4
+    write_jsonl(tmp_path / "pref.jsonl", rows)
+    out = tmp_path / "rm"
+    res = train_reward_model(RewardConfig(
+        model_name_or_path=tiny, dataset=str(tmp_path / "pref.jsonl"), output_dir=str(out), max_steps=12,
+        per_device_train_batch_size=8, learning_rate=2e-2, eval_split=0.0, report_to="none", disable_tqdm=True,
+        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6))
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert res["metrics"][-1]["train/accuracy"] == 1.0
+    reloaded = M.ScalarHeadModel.from_pretrained(out).eval()  # a plain (merged) scalar-head model
+    assert not M.is_peft_model(reloaded.backbone) and not M.is_peft_model(res["model"].backbone)
+    base = M.ScalarHeadModel.from_causal_lm(tiny)
+    changed = {n for n, p in reloaded.backbone.named_parameters()
+               if not torch.equal(p, dict(base.backbone.named_parameters())[n])}
+    assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+                           for n in changed)  # the base moved only by the merged LoRA deltas
+    tok = M.load_tokenizer(out)
+    enc = tok([" the cat sat", " a dog ran"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = res["model"].eval()(enc["input_ids"], enc["attention_mask"])
+        b = reloaded(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(a, b)
+    # resume from the step-6 checkpoint (adapters + head + AdamW state) ends bit-identical
+    import shutil
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copytree(out / "checkpoint-6", crashed / "checkpoint-6")
+    shutil.copy(out / "config.yaml", crashed / "config.yaml")
+    resumed = train_reward_model(RewardConfig(
+        model_name_or_path=tiny, dataset=str(tmp_path / "pref.jsonl"), output_dir=str(crashed), max_steps=12,
+        per_device_train_batch_size=8, learning_rate=2e-2, eval_split=0.0, report_to="none", disable_tqdm=True,
+        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6, resume_from=str(crashed / "checkpoint-6")))
+    for name, p in res["model"].state_dict().items():
+        assert torch.equal(p, resumed["model"].state_dict()[name]), name
+
+
+def test_reward_config_checks_its_lora_fields():
+    from ppomax.config import RewardConfig
+
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        RewardConfig(model_name_or_path="x", use_peft=True, lora_target_modules=" , ")

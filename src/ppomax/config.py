@@ -130,8 +130,9 @@ class SFTConfig(LoraArgs, RunArgs):
 
 
 @dataclass
-class RewardConfig(RunArgs):
-    """Reward model: pairwise Bradley-Terry loss + optional LM loss (paper Sec. 4, Eq. 2)."""
+class RewardConfig(LoraArgs, RunArgs):
+    """Reward model: pairwise Bradley-Terry loss + optional LM loss (paper Sec. 4, Eq. 2); with
+    --use_peft, LoRA on the backbone (the head trains fully) and the merged model is saved."""
 
     eval_dataset: str | None = opt(None, "Held-out preference pairs; if unset, eval_split is held out.")
     eval_split: float = opt(0.05, "Fraction of pairs held out for eval when no eval_dataset.", ge=0, lt=1)
@@ -149,6 +150,7 @@ class RewardConfig(RunArgs):
 
     def __post_init__(self) -> None:
         self._check_common()
+        self._check_lora()
 
 
 @dataclass

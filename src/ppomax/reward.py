@@ -103,12 +103,18 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
     elif cfg.rm_lm_coef > 0:
         lm_head = getattr(model, "lm_head_for_training", None)
         check(lm_head is not None, "rm_lm_coef > 0 with a given model needs model.lm_head_for_training")
+    if cfg.use_peft:  # LoRA on the backbone; the scalar head (and an LM head for β_rm) trains fully
+        model = M.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     pad = tokenizer.pad_token_id
 
     def collate(ex):
         return D.collate_preference(ex, pad)
 
     def save_model(m, out: Path) -> None:
+        if M.is_peft_model(getattr(m, "backbone", None)):
+            # keep the adapters, and write the merged model: PPO loads a plain scalar-head RM / critic init
+            m.backbone.save_pretrained(out / "adapter")
+            m.backbone = m.backbone.merge_and_unload()
         m.save_pretrained(out, tokenizer=tokenizer)
 
     rows_logged = run_supervised(
