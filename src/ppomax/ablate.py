@@ -80,11 +80,10 @@ def parse_variants(spec: str | None) -> dict[str, dict[str, Any]]:
         kv = dict(kv or {})
         for k, v in kv.items():
             if k == "seeds":
-                try:
-                    kv[k] = int(v)
-                    assert kv[k] >= 1 and not isinstance(v, bool)
-                except (TypeError, ValueError, AssertionError):
-                    raise ConfigError(f"AblateConfig.variants: {name!r} sets seeds={v!r}; expected an integer ≥ 1") from None
+                n = None if isinstance(v, bool) else str(v).strip()
+                if not (n and n.isdigit() and int(n) >= 1):  # no assert: it would vanish under python -O
+                    raise ConfigError(f"AblateConfig.variants: {name!r} sets seeds={v!r}; expected an integer ≥ 1")
+                kv[k] = int(n)
                 continue
             if k not in PPOConfig.__dataclass_fields__:
                 raise ConfigError(f"AblateConfig.variants: {name!r} sets unknown PPOConfig field {k!r}")
