@@ -224,6 +224,9 @@ def test_label_pairs_moderate_beta_and_drops():
     )
     assert dropped == 1 and len(rows) == 1
     assert {rows[0]["chosen"], rows[0]["rejected"]} == {"bad .", "nice ."}
+    # responses equal up to whitespace are a tie too: the preference loader would reject the row
+    rows, dropped = R.label_pairs([P], [" great ."], ["great . "], [0.6], [0.4], 5.0, 0)
+    assert (rows, dropped) == ([], 1)
     with pytest.raises(ValueError):
         R.label_pairs([P], ["great ."], [], [0.6], [], 1.0, 0)
 

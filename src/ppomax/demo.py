@@ -234,8 +234,9 @@ def method_config(name: str, out: Path, paths: dict, b: Budget, seed: int, disab
                       metric_for_best_model="gold", **overrides)
 
 
-def run_method(cfg: PPOConfig, prompts: list[str]) -> list[dict]:
-    """Train one method (resuming from its newest checkpoint if a previous demo was interrupted)."""
+def run_method(cfg: PPOConfig, prompts: list, gold_fn=None) -> list[dict]:
+    """Train one method (resuming from its newest checkpoint if a previous demo was interrupted).
+    ``gold_fn``: the judge scoring the training rollouts (default: the reviews task's)."""
     from ppomax.checkpoint import list_checkpoints
     from ppomax.ppo.trainer import PPOTrainer
     from ppomax.report import read_metrics
@@ -246,13 +247,13 @@ def run_method(cfg: PPOConfig, prompts: list[str]) -> list[dict]:
         return read_metrics(out / "metrics.jsonl")
     if list_checkpoints(out):
         cfg = dataclasses.replace(cfg, resume_from="latest")
-    trainer = PPOTrainer(cfg, prompts=prompts, gold_fn=reviews.gold_scores)
+    trainer = PPOTrainer(cfg, prompts=prompts, gold_fn=gold_fn or reviews.gold_scores)
     rows = trainer.train()
     (out / "DONE").write_text("ok")
     return read_metrics(out / "metrics.jsonl") if cfg.resume_from else rows
 
 
-def _run_method_single_thread(cfg: PPOConfig, prompts: list[str], position: int) -> list[dict]:
+def _run_method_single_thread(cfg: PPOConfig, prompts: list, position: int, gold_fn=None) -> list[dict]:
     # One thread per method: the tiny model gains nothing from more, and a fixed thread count
     # makes the run bit-for-bit reproducible on any machine (float reductions change with it).
     torch.set_num_threads(1)
@@ -260,12 +261,13 @@ def _run_method_single_thread(cfg: PPOConfig, prompts: list[str], position: int)
 
     quiet_transformers()
     os.environ["PPOMAX_TQDM_POSITION"] = str(position)
-    return run_method(cfg, prompts)
+    return run_method(cfg, prompts, gold_fn)
 
 
-def run_methods(cfgs: dict, prompts: list[str], parallel: bool, eta: bool = False) -> dict[str, list[dict]]:
+def run_methods(cfgs: dict, prompts: list, parallel: bool, eta: bool = False, gold_fn=None) -> dict[str, list[dict]]:
     """Train every method, each single-threaded; side by side in worker processes if ``parallel``.
-    ``eta``: a progress bar over the runs with the time left (ppomax ablate's many runs)."""
+    ``eta``: a progress bar over the runs with the time left (ppomax ablate's many runs).
+    ``gold_fn``: the judge of the training rollouts (default: the reviews task's; picklable)."""
     from ppomax.training import progress
 
     # below the workers' own bars (positions 0 and 1)
@@ -276,7 +278,7 @@ def run_methods(cfgs: dict, prompts: list[str], parallel: bool, eta: bool = Fals
             try:
                 out = {}
                 for m, c in cfgs.items():
-                    out[m] = _run_method_single_thread(c, prompts, 0)
+                    out[m] = _run_method_single_thread(c, prompts, 0, gold_fn)
                     bar.update(1)
                 return out
             finally:
@@ -290,7 +292,7 @@ def run_methods(cfgs: dict, prompts: list[str], parallel: bool, eta: bool = Fals
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=exit_with_parent,
                                  initargs=(os.getpid(),)) as pool:
-            futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers)
+            futures = {m: pool.submit(_run_method_single_thread, c, prompts, i % workers, gold_fn)
                        for i, (m, c) in enumerate(cfgs.items())}
             for f in futures.values():
                 f.add_done_callback(lambda _: bar.update(1))

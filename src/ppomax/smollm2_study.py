@@ -158,14 +158,18 @@ def _key(b: StudyBudget, fields: tuple[str, ...], seed: int) -> dict:
     return {"budget": {f: getattr(b, f) for f in fields}, "seed": seed}
 
 
-def _done(path: Path, key: dict) -> bool:
-    marker = path / "ppomax_study_done.json"
-    return marker.exists() and json.loads(marker.read_text()) == key
+def _cached(path: Path, key: dict) -> dict | None:
+    """A finished stage's info.json, if ``path`` holds that stage done with ``key`` (demo's marker)."""
+    from ppomax.demo import _done
+
+    return json.loads((path / "info.json").read_text()) if _done(path, key) else None
 
 
 def _mark(path: Path, key: dict, info: dict) -> None:
+    from ppomax.demo import _mark as mark_done
+
     (path / "info.json").write_text(json.dumps(info, indent=2))
-    (path / "ppomax_study_done.json").write_text(json.dumps(key))
+    mark_done(path, key)  # written last: its presence means the stage finished
 
 
 def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, seed: int, disable_tqdm: bool) -> dict:
@@ -173,10 +177,11 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.evaluate import sample_responses
+    from ppomax.tasks.reviews import label_pairs
 
     key = _key(b, PAIR_FIELDS, seed)
-    if _done(out, key):
-        return json.loads((out / "info.json").read_text())
+    if (info := _cached(out, key)) is not None:
+        return info
     out.mkdir(parents=True, exist_ok=True)
     tok, policy = M.load_tokenizer(model_dir), M.load_causal_lm(model_dir)
     chats = prompts("train")
@@ -187,15 +192,10 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
     a = sample_responses(policy, tok, ids, seed=seed + 2, **kw)
     c = sample_responses(policy, tok, ids, seed=seed + 3, **kw)
     ga, gc = judge(a["prompts"], a["responses"], a["truncated"]), judge(c["prompts"], c["responses"], c["truncated"])
-    rng, rows, agree, dropped = random.Random(seed + 4), [], 0, 0
-    for chat, ra, rc, xa, xc in zip(chats, a["responses"], c["responses"], ga, gc):
-        if ra.strip() == rc.strip() or not ra.strip() or not rc.strip():
-            dropped += 1
-            continue
-        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-b.pair_beta * (xa - xc)))  # Bradley-Terry labeller
-        rows.append({"prompt": chat, "chosen": ra if a_wins else rc, "rejected": rc if a_wins else ra})
-        agree += (xa >= xc) == a_wins
+    rows, dropped = label_pairs(chats, a["responses"], c["responses"], ga, gc, b.pair_beta, seed + 4)  # Bradley-Terry
     D.write_jsonl(out / "pairs.jsonl", rows)
+    agree = sum(judge.score(r["prompt"][-1]["content"], r["chosen"]) >= judge.score(r["prompt"][-1]["content"], r["rejected"])
+                for r in rows)
     info = {"pairs": len(rows), "dropped_identical_or_empty": dropped, "label_agreement_with_gold": agree / len(rows),
             "base_sample_gold": sum(ga) / len(ga), "base_sample_repetition": sum(map(repetition, a["responses"])) / len(ga),
             "base_sample_truncated": sum(a["truncated"]) / len(ga)}
@@ -209,8 +209,8 @@ def train_rm(model_dir: Path, pairs: Path, out: Path, b: StudyBudget, seed: int,
     from ppomax.reward import train_reward_model
 
     key = _key(b, RM_FIELDS, seed)
-    if _done(out, key):
-        return json.loads((out / "info.json").read_text())
+    if (info := _cached(out, key)) is not None:
+        return info
     cfg = RewardConfig(model_name_or_path=str(model_dir), dataset=str(pairs), output_dir=str(out), seed=seed,
                        num_train_epochs=b.rm_epochs, learning_rate=b.rm_lr, per_device_train_batch_size=b.rm_batch,
                        eval_split=0.15, max_length=64, max_prompt_length=40, eval_steps=10_000, logging_steps=10,
@@ -240,27 +240,6 @@ def ppo_config(method: str, out: Path, model_dir: Path, rm_dir: Path, b: StudyBu
         save_total_limit=1, report_to="none",
         disable_tqdm=disable_tqdm, num_sample_generations=4,
     )
-
-
-def run_ppo(cfg: Any) -> list[dict]:
-    """One method (resumed from its newest checkpoint after an interruption), one thread."""
-    import torch
-
-    from ppomax.checkpoint import list_checkpoints
-    from ppomax.models import quiet_transformers
-    from ppomax.ppo.trainer import PPOTrainer
-    from ppomax.report import read_metrics
-
-    torch.set_num_threads(1)
-    quiet_transformers()
-    out = Path(cfg.output_dir)
-    if (out / "DONE").exists():
-        return read_metrics(out / "metrics.jsonl")
-    if list_checkpoints(out):
-        cfg = dataclasses.replace(cfg, resume_from="latest")
-    PPOTrainer(cfg, prompts=[{"prompt": c} for c in prompts("train")], gold_fn=GoldJudge()).train()
-    (out / "DONE").write_text("ok")
-    return read_metrics(out / "metrics.jsonl")
 
 
 class Evaluator:
@@ -324,15 +303,12 @@ def check_targets(methods: dict[str, dict]) -> tuple[bool, list[str]]:
 
 def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     """``ppomax demo --model smollm2 [--full | --quick]``: writes ``<output_dir>/smollm2/``."""
-    import multiprocessing as mp
-    import os
     import shutil
-    from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
     from ppomax import models as M
-    from ppomax.demo import _final_policy, _gold_peak, _stage_samples
+    from ppomax.demo import _final_policy, _gold_peak, _stage_samples, run_methods
     from ppomax.report import plot_curves, write_report
     from ppomax.smollm2 import fetch_smollm2
 
@@ -364,18 +340,10 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     methods = ("ppo_max", "vanilla")
     cfgs = {m: ppo_config(m, out / "runs" / m, model_dir, rm_dir, b, cfg.seed, cfg.disable_tqdm) for m in methods}
 
-    def train_all():
-        if not cfg.parallel or (os.cpu_count() or 1) < 2:
-            return {m: run_ppo(c) for m, c in cfgs.items()}
-        from ppomax.training import exit_with_parent
-
-        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = {m: pool.submit(run_ppo, c) for m, c in cfgs.items()}
-            return {m: f.result() for m, f in futures.items()}
-
+    train_prompts = [{"prompt": c} for c in prompts("train")]
     runs = stage(f"PPO-max and vanilla PPO: {b.ppo_steps} iterations of {b.rollout_batch_size} prompts × "
-                 f"{b.response_length} tokens, LoRA policy and critic", train_all)
+                 f"{b.response_length} tokens, LoRA policy and critic", run_methods, cfgs, train_prompts,
+                 cfg.parallel, False, judge)
 
     def evaluate_all():
         ev = Evaluator(model_dir, rm_dir, b, cfg.seed, judge)

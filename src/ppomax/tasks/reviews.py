@@ -320,7 +320,7 @@ def label_pairs(
     for p, a, b, ga, gb in zip(prompts, responses_a, responses_b, gold_a, gold_b):
         # Draw for every pair, so a pair's label does not depend on which others were dropped.
         a_wins = rng.random() < _sigmoid(beta * (ga - gb))
-        if a == b or not a.strip() or not b.strip():
+        if a.strip() == b.strip() or not a.strip() or not b.strip():  # as the preference loader compares them
             n_dropped += 1
             continue
         chosen, rejected = (a, b) if a_wins else (b, a)
