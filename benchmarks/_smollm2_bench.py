@@ -8,8 +8,9 @@ in ``~/.cache/ppomax/smollm2``; nothing is downloaded). What both libraries get:
   reference is the same model with its adapters disabled (ppomax ``use_peft=True`` without
   ``ref_model_path``; TRL ``peft_config=`` and ``ref_model=None``, its ``null_ref_context``);
 * reward model and critic initialisation: one scalar-head checkpoint, SmolLM2's backbone with a
-  fresh seeded head (ppomax ``ScalarHeadModel``; TRL ``LlamaForSequenceClassification`` with the
-  same head weights, done by ppo_throughput's ``child_trl``);
+  seeded random LoRA update on q/k/v/o merged in (what a LoRA-trained reward model looks like) and
+  a fresh seeded head (ppomax ``ScalarHeadModel``; TRL ``LlamaForSequenceClassification`` with the
+  same weights, done by ppo_throughput's ``child_trl``);
 * critic trained fully on both sides: TRL's PPO trainer applies ``peft_config`` to the policy only
   and always trains every weight of its value model, so ppomax runs ``critic_use_peft=False``
   (its own LoRA critic would hold no gradients or AdamW moments for the backbone);
@@ -92,10 +93,22 @@ def build_models(cfg: dict, model_dir: Path, root: Path, seed: int = 0) -> dict:
 
     from ppomax.models import ScalarHeadModel, load_tokenizer
 
+    from ppomax.models import apply_lora
+
     tok = load_tokenizer(model_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         rm = ScalarHeadModel.from_causal_lm(model_dir)  # AutoModel: backbone only; the head is drawn here
+        # As `ppomax rm --use_peft` saves it (the SmolLM2 study's RM): LoRA on q/k/v/o merged into the
+        # backbone, so those projections differ from the policy's base and the rest does not. A
+        # backbone left equal to the base would let ppomax share all of the RM's weights with the
+        # policy (share_frozen_weights), which no trained reward model allows.
+        rm = apply_lora(rm, LORA["r"], LORA["alpha"], 0.0, LORA["targets"])
+        with torch.no_grad():
+            for name, p in rm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+        rm = ScalarHeadModel(rm.backbone.merge_and_unload(), rm.v_head)
     rm_dir = root / "rm"
     rm.save_pretrained(rm_dir, tokenizer=tok)
     del rm

