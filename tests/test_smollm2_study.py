@@ -97,3 +97,19 @@ def test_openings_move_the_judges_sentiment():
         for o in starts:
             v = j.vader.polarity_scores(o)["compound"]
             assert (v > 0.3) if sign == "positive" else (v < -0.3), o
+
+
+def test_ppo_runs_of_another_budget_are_not_reused(tmp_path):
+    runs = tmp_path / "runs"
+    key = {"budget": {"ppo_steps": 64}, "seed": 0}
+    S._reset_runs_if_budget_changed(runs, key)
+    (runs / "vanilla").mkdir()
+    (runs / "vanilla" / "DONE").write_text("ok")
+    S._reset_runs_if_budget_changed(runs, key)  # same budget: an interrupted or finished run is kept
+    assert (runs / "vanilla" / "DONE").exists()
+    S._reset_runs_if_budget_changed(runs, {"budget": {"ppo_steps": 128}, "seed": 0})
+    assert not (runs / "vanilla").exists() and (runs / "budget.json").exists()
+    (runs / "budget.json").unlink()
+    (runs / "ppo_max").mkdir()
+    S._reset_runs_if_budget_changed(runs, key)  # runs without a marker (older ppomax): not trusted
+    assert not (runs / "ppo_max").exists()

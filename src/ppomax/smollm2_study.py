@@ -315,6 +315,19 @@ class Evaluator:
         return self.metrics(s, self.judge(s["prompts"], s["responses"], s["truncated"]))
 
 
+def _reset_runs_if_budget_changed(runs: Path, key: dict) -> None:
+    """PPO runs resume from their checkpoints (an interrupted study goes on), but runs made with
+    another budget or seed are stale: without this a rerun with --ppo_steps N would report them."""
+    import shutil
+
+    marker = runs / "budget.json"
+    if runs.exists() and (not marker.exists() or json.loads(marker.read_text()) != key):
+        print(f"[demo smollm2] {runs}: made with another budget or seed; training again", flush=True)
+        shutil.rmtree(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(key, indent=2))
+
+
 def check_targets(methods: dict[str, dict]) -> tuple[bool, list[str]]:
     """Issue #13's targets: PPO-max improves gold (win-rate CI above 0.5) at a bounded KL; vanilla
     over-optimises (RM reward up, final gold below its peak or the base, KL ≥ 3× PPO-max's)."""
@@ -376,6 +389,7 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     cfgs = {m: ppo_config(m, out / "runs" / m, model_dir, rm_dir, b, cfg.seed, cfg.disable_tqdm) for m in methods}
 
     train_prompts = [{"prompt": c} for c in prompts("train")]
+    _reset_runs_if_budget_changed(out / "runs", {"budget": dataclasses.asdict(b), "seed": cfg.seed})
     runs = stage(f"PPO-max and vanilla PPO: {b.ppo_steps} iterations of {b.rollout_batch_size} prompts × "
                  f"{b.response_length} tokens, LoRA policy and critic", run_methods, cfgs, train_prompts,
                  cfg.parallel, False, judge)
@@ -401,9 +415,11 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     samples = {m: _stage_samples(out / "runs" / m / "samples.jsonl") for m in methods}
     notes = [
         "Targets (issue #13): " + "; ".join(checks),
-        f"Gold judge: {GoldJudge.__doc__.splitlines()[0]} The reward model was trained on {pairs['pairs']} pairs of "
-        f"SmolLM2's own samples labelled by it (Bradley-Terry β = {b.pair_beta}); held-out pair accuracy "
-        f"{rm['eval_accuracy']:.3f}.",
+        f"Gold judge: {GoldJudge.__doc__.splitlines()[0]} The reward model (LoRA r = 16 + a scalar head on "
+        f"SmolLM2's backbone) was trained on {pairs['pairs']} pairs of SmolLM2's own samples labelled by it "
+        f"(Bradley-Terry β = {b.pair_beta}); in {b.pair_steer:.0%} of the pairs one sample began with a positive "
+        f"opening and the other with a negative one. Held-out pair accuracy {rm['eval_accuracy']:.3f} (the labels "
+        f"agree with the judge on {pairs['label_agreement_with_gold']:.0%} of the pairs).",
         f"Evaluation: {b.n_eval_prompts} held-out prompts on topics never trained on, one sample each at temperature "
         f"{b.temperature}; KL is Σ_t log π − log π_base per response; the win rate counts ties as ½ (95 % Wilson interval).",
         "Both methods: the same seed, prompts and budget; LoRA r = 8 (q, k, v, o) on the policy, π_ref = the "

@@ -101,14 +101,28 @@ def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None
     return None
 
 
+def share_weights(share: bool, *models, on_host: bool = True) -> None:
+    """One copy of each frozen tensor that the models hold bit for bit (ppomax/shared_weights.py).
+    ``on_host``: the models were just loaded (memory-mapped checkpoints: see ``own_the_rest``)."""
+    if share:
+        from ppomax.shared_weights import share_frozen_weights
+
+        done = share_frozen_weights(list(models), own_the_rest=on_host)
+        if done.tensors:
+            logger.info("%d frozen tensors shared between models: %.0f MiB not held twice", done.tensors,
+                        done.bytes_saved / 2**20)
+
+
 def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None, critic=None,
-                with_reward_model: bool = True, skeleton_trained: bool = False, skeleton_frozen: bool = False) -> tuple:
+                with_reward_model: bool = True, skeleton_trained: bool = False, skeleton_frozen: bool = False,
+                share: bool = False) -> tuple:
     """(policy, ref_policy, reward_model, critic): the given ones, the others loaded from cfg's paths.
 
     With LoRA and no ref_model_path, ref_policy is None: π_ref is the policy with its adapters
     disabled (no second copy in memory). reward_model is None when a reward_fn scores instead.
     ``skeleton_trained`` / ``skeleton_frozen``: build those models on the meta device (a sharded
-    run's ranks > 0, filled from rank 0 by place_models).
+    run's ranks > 0, filled from rank 0 by place_models). ``share``: share frozen weights as each
+    model is loaded (share_frozen_weights), so the host holds at most one model's duplicate at a time.
     """
     from ppomax import models as M
 
@@ -123,6 +137,10 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
             ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
         if reward_model is None and with_reward_model:
             reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+    for frozen in (ref_policy, reward_model):  # frozen from the start: their copies of the base can go now
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    share_weights(share, policy, ref_policy, reward_model)
     if not cfg.uses_critic:  # grpo / rloo / reinforce_pp: no value function is loaded or trained
         if critic is not None:
             raise ConfigError(f"advantage_estimator = {cfg.advantage_estimator!r} trains no critic; do not pass critic=")
@@ -131,6 +149,7 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
         critic = _load_critic(cfg, critic)
     if cfg.critic_use_peft:
         critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    share_weights(share, policy, ref_policy, reward_model, critic)  # a LoRA critic's frozen backbone
     return policy, ref_policy, reward_model, critic
 
 
@@ -183,6 +202,10 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
             if sharding.is_skeleton(m):
                 raise UserError(f"{type(m).__name__} was built without weights but is not sharded")
             m.to(device)  # a model to be sharded moves in fully_shard, one block at a time
+            # Module.to gives every model its own device copy: share again after each move, so the
+            # device holds at most one duplicate at a time
+            share_weights(cfg.share_frozen_weights and mode == "none" and device.type != "cpu",
+                          policy, critic, ref_policy, reward_model, on_host=False)
     for frozen in (ref_policy, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
@@ -205,9 +228,3 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
             sharding.shard(m, mode, trainable)
             if skeleton:
                 sharding.fill_from_rank0(m, full, device)
-    if cfg.share_frozen_weights and mode == "none":  # FSDP2 owns a sharded model's storage
-        from ppomax.shared_weights import share_frozen_weights
-
-        shared = share_frozen_weights([policy, ref_policy, critic, reward_model])
-        logger.info("shared %d frozen tensors between the models: %.0f MB not held twice",
-                    shared.tensors, shared.bytes_saved / 2**20)

@@ -130,7 +130,8 @@ class PPOTrainer:
         later_rank = self.dist.rank > 0 and self.sharding != "none"
         self.policy, self.ref_policy, self.reward_model, self.critic = setup.load_models(
             cfg, policy, ref_policy, reward_model, critic, with_reward_model=reward_fn is None,
-            skeleton_trained=later_rank, skeleton_frozen=later_rank and sharding.shards(self.sharding, False))
+            skeleton_trained=later_rank, skeleton_frozen=later_rank and sharding.shards(self.sharding, False),
+            share=cfg.share_frozen_weights and self.sharding == "none")  # FSDP2 owns a sharded model's storage
         # A response ends at any EOS id: chat models list end-of-turn and end-of-text in generation_config.
         self.eos_ids = M.eos_token_ids(tokenizer, self.policy)
         self.sampling = Sampling(cfg.response_length, tuple(self.eos_ids), self.pad_id, cfg.temperature, cfg.top_k,
