@@ -113,3 +113,17 @@ def test_only_bit_equal_frozen_tensors_are_shared():
     assert c.weight.data_ptr() == a.weight.data_ptr() and c.bias.data_ptr() != a.bias.data_ptr()
     assert dataclasses.astuple(done) == (2, 2 * 6 * 4)
     assert share_frozen_weights([a, b, c]).tensors == 0  # already shared
+
+
+def test_own_the_rest_copies_only_what_a_sharing_model_kept():
+    a, b, c = (torch.nn.Linear(3, 2) for _ in range(3))
+    b.weight.data.copy_(a.weight.data)  # b shares its weight with a, keeps its own bias
+    for m in (a, b, c):
+        m.requires_grad_(False)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in
+              [("a.bias", a.bias), ("b.bias", b.bias), ("c.weight", c.weight)]}
+    share_frozen_weights([a, b, c], own_the_rest=True)
+    assert b.weight.data_ptr() == a.weight.data_ptr()
+    assert b.bias.data_ptr() != before["b.bias"][0] and torch.equal(b.bias, before["b.bias"][1])  # copied
+    assert a.bias.data_ptr() == before["a.bias"][0]  # a gave nothing up: untouched
+    assert c.weight.data_ptr() == before["c.weight"][0]  # c shared nothing: untouched
