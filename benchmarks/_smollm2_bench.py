@@ -91,9 +91,7 @@ def build_models(cfg: dict, model_dir: Path, root: Path, seed: int = 0) -> dict:
     The policy (= reference) is the cached SmolLM2 directory itself."""
     import torch
 
-    from ppomax.models import ScalarHeadModel, load_tokenizer
-
-    from ppomax.models import apply_lora
+    from ppomax.models import ScalarHeadModel, apply_lora, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     with torch.random.fork_rng(devices=[]):

@@ -55,47 +55,63 @@ class Sharing:
     bytes_saved: int = 0
 
 
-def share_frozen_weights(models: list[nn.Module | None], own_the_rest: bool = False) -> Sharing:
-    """Point every frozen parameter of ``models`` that is bit-equal to a frozen parameter of an
-    earlier model (same name in the transformer body, shape, dtype and device) at that one's storage.
+class FrozenWeightIndex:
+    """The frozen tensors of the models added so far, by name inside the transformer body.
 
-    Call after the models are on their device (``Module.to`` would make per-model copies again) and
-    not on sharded models (FSDP2 owns their storage). Frozen means ``requires_grad`` is False: a
-    trained tensor changes in place at every step, so it is never shared.
+    :meth:`add` compares each model once, against the models added before it: models loaded (or
+    moved to a device) one after another are shared as each arrives, and no pair of tensors is
+    compared twice. ``done`` counts what was shared."""
 
-    ``own_the_rest`` (for models just loaded on the host): a model that gave up some tensors gets a
-    copy of the others. transformers maps a safetensors file into memory and every tensor of the
-    model is a view of that one mapping, which stays mapped, with each page ``torch.equal`` read,
-    while any of them lives; so without the copy the shared tensors would stay resident.
-    """
-    owners: dict[str, list[torch.Tensor]] = {}
-    done = Sharing()
-    for m in models:
-        if m is None:
-            continue
+    def __init__(self) -> None:
+        self.owners: dict[str, list[torch.Tensor]] = {}
+        self.done = Sharing()
+
+    def add(self, model: nn.Module | None, own_the_rest: bool = False) -> None:
+        """Point every frozen parameter of ``model`` that is bit-equal to a frozen parameter of an
+        earlier model (same name in the transformer body, shape, dtype and device) at that one's
+        storage; its other frozen parameters become candidates for later models.
+
+        ``own_the_rest`` (for a model just loaded on the host): if it gave up some tensors, it gets
+        a copy of the others. transformers maps a safetensors file into memory and every tensor of
+        the model is a view of that one mapping, which stays mapped, with each page ``torch.equal``
+        read, while any of them lives; so without the copy the shared tensors would stay resident.
+        """
+        if model is None:
+            return
         own, shared_here = [], 0
-        for name, p in m.named_parameters():
+        for name, p in model.named_parameters():
             if p.requires_grad:
                 own.append(p)
                 continue
-            candidates = owners.setdefault(canonical_name(name), [])
+            candidates = self.owners.setdefault(canonical_name(name), [])
             for o in candidates:
                 if o.data_ptr() == p.data_ptr():
                     break
                 if o.shape == p.shape and o.dtype == p.dtype and o.device == p.device and torch.equal(o, p):
                     p.data = o.data  # same storage; p stays this model's own (frozen) Parameter
                     shared_here += 1
-                    done.bytes_saved += p.numel() * p.element_size()
+                    self.done.bytes_saved += p.numel() * p.element_size()
                     break
             else:
                 candidates.append(p)
                 own.append(p)
-        done.tensors += shared_here
+        self.done.tensors += shared_here
         if own_the_rest and shared_here:
             with torch.no_grad():
                 for p in own:  # before later models point at them: they then see the copy
                     p.data = p.data.clone()
-    return done
+
+
+def share_frozen_weights(models: list[nn.Module | None], own_the_rest: bool = False) -> Sharing:
+    """Share the bit-equal frozen parameters of ``models`` (:meth:`FrozenWeightIndex.add`, in order).
+
+    Call after the models are on their device (``Module.to`` would make per-model copies again) and
+    not on sharded models (FSDP2 owns their storage). Frozen means ``requires_grad`` is False: a
+    trained tensor changes in place at every step, so it is never shared."""
+    index = FrozenWeightIndex()
+    for m in models:
+        index.add(m, own_the_rest)
+    return index.done
 
 
 def unique_parameter_bytes(models: list[nn.Module | None]) -> int:

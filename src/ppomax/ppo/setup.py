@@ -101,16 +101,19 @@ def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None
     return None
 
 
-def share_weights(share: bool, *models, on_host: bool = True) -> None:
-    """One copy of each frozen tensor that the models hold bit for bit (ppomax/shared_weights.py).
-    ``on_host``: the models were just loaded (memory-mapped checkpoints: see ``own_the_rest``)."""
-    if share:
-        from ppomax.shared_weights import share_frozen_weights
+def weight_index(share: bool):
+    """A FrozenWeightIndex (ppomax/shared_weights.py) when frozen weights are shared, else None."""
+    if not share:
+        return None
+    from ppomax.shared_weights import FrozenWeightIndex
 
-        done = share_frozen_weights(list(models), own_the_rest=on_host)
-        if done.tensors:
-            logger.info("%d frozen tensors shared between models: %.0f MiB not held twice", done.tensors,
-                        done.bytes_saved / 2**20)
+    return FrozenWeightIndex()
+
+
+def _log_sharing(index) -> None:
+    if index is not None and index.done.tensors:
+        logger.info("%d frozen tensors shared between models: %.0f MiB not held twice", index.done.tensors,
+                    index.done.bytes_saved / 2**20)
 
 
 def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None, critic=None,
@@ -140,16 +143,22 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
     for frozen in (ref_policy, reward_model):  # frozen from the start: their copies of the base can go now
         if frozen is not None:
             frozen.requires_grad_(False)
-    share_weights(share, policy, ref_policy, reward_model)
+    index = weight_index(share)  # each model is compared once, as it arrives
+    if index is not None:
+        for m in (policy, ref_policy, reward_model):
+            index.add(m, own_the_rest=True)
     if not cfg.uses_critic:  # grpo / rloo / reinforce_pp: no value function is loaded or trained
         if critic is not None:
             raise ConfigError(f"advantage_estimator = {cfg.advantage_estimator!r} trains no critic; do not pass critic=")
+        _log_sharing(index)
         return policy, ref_policy, reward_model, None
     with M.skeleton_loading(skeleton_trained):
         critic = _load_critic(cfg, critic)
     if cfg.critic_use_peft:
         critic = M.apply_lora(critic, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    share_weights(share, policy, ref_policy, reward_model, critic)  # a LoRA critic's frozen backbone
+    if index is not None:
+        index.add(critic, own_the_rest=True)  # a LoRA critic's frozen backbone
+    _log_sharing(index)
     return policy, ref_policy, reward_model, critic
 
 
@@ -197,15 +206,16 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
         for m, _ in roles:
             if m is not None:
                 disable_dropout(m)
+    # Module.to gives every model its own device copy: share again as each one arrives, so the
+    # device holds at most one duplicate at a time (on the host, load_models shared them already)
+    index = weight_index(cfg.share_frozen_weights and mode == "none" and device.type != "cpu")
     for m, trainable in roles:
         if m is not None and not sharding.shards(mode, trainable):
             if sharding.is_skeleton(m):
                 raise UserError(f"{type(m).__name__} was built without weights but is not sharded")
             m.to(device)  # a model to be sharded moves in fully_shard, one block at a time
-            # Module.to gives every model its own device copy: share again after each move, so the
-            # device holds at most one duplicate at a time
-            share_weights(cfg.share_frozen_weights and mode == "none" and device.type != "cpu",
-                          policy, critic, ref_policy, reward_model, on_host=False)
+            if index is not None:
+                index.add(m)
     for frozen in (ref_policy, reward_model):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
