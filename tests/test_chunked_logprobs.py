@@ -79,8 +79,11 @@ def test_gradients_match_autograd_of_the_plain_computation(chunk_size):
     ref_logp, ref_ent = _plain(h, w, b, tok, 0.7)
     want = torch.autograd.grad((c_logp * ref_logp).sum() + (c_ent * ref_ent).sum(), (h, w, b))
     for name, x, y in zip(("hidden", "weight", "bias"), got, want):
-        assert y.abs().max() > 0.1, name  # a real gradient to compare
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+        scale = float(y.abs().max())
+        assert scale > 0.1, name  # a real gradient to compare
+        # float32 rounding of sums over V in another order: an element's error scales with the largest
+        # gradient, not with its own size (measured: 2.9e-6 on a hidden gradient of max 11.1 on an AMD EPYC)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_an_unused_entropy_output_adds_no_gradient():
