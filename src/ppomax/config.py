@@ -28,6 +28,13 @@ def _check_engine(cfg: Any) -> None:
         check_available()
 
 
+def _check_device(cfg: Any) -> None:
+    """--device: a device this machine has (cuda without CUDA, cuda:N past the GPUs fail here)."""
+    from ppomax.training import check_device
+
+    check_device(cfg.device, f"{type(cfg).__name__}.device")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fields shared by every training stage (names from transformers.TrainingArguments)
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +60,14 @@ class RunArgs:
     save_steps: int = opt(500, "Checkpoint every N steps (and always at the end).", ge=1)
     save_total_limit: int = opt(2, "Keep at most this many step checkpoints (the newest).", ge=1)
     report_to: str = opt("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("none", "tensorboard", "wandb"))
+    device: str = opt(
+        "auto", "Where the models train and sample: 'auto' (a CUDA GPU when there is one, else the CPU; with several "
+        "processes, cuda:LOCAL_RANK), 'cpu', 'cuda' or 'cuda:N' (one process). Models passed in Python are moved "
+        "there.")
+    full_determinism: bool = opt(
+        False, "Deterministic kernels everywhere (transformers' name and meaning): torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG, TF32 off, cuDNN deterministic, SDPA's math attention. On a GPU this is what makes "
+        "resume bit-exact (docs/reliability.md); slower.")
     bf16: bool = opt(False, "bfloat16 autocast for forward passes (master weights stay fp32).")
     fp16: bool = opt(False, "float16 autocast (GPU only; prefer bf16).")
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the transformer blocks.")
@@ -76,6 +91,7 @@ class RunArgs:
     def _check_common(self) -> None:
         validate_fields(self)
         check(not (self.bf16 and self.fp16), f"{type(self).__name__}: set at most one of bf16 and fp16")
+        _check_device(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +422,8 @@ class EvalConfig:
     batch_size: int = opt(64, "Prompts per generate() call.", ge=1)
     max_prompt_length: int = opt(512, "Prompt truncation length.", ge=1)
     seed: int = opt(1234, "Sampling seed.", ge=0)
+    device: str = opt("auto", "Where the models sample: 'auto', 'cpu', 'cuda' or 'cuda:N' (as in PPOConfig).")
+    full_determinism: bool = opt(False, "Deterministic kernels everywhere (as in PPOConfig).")
     skip_bad_rows: bool = opt(False, "Skip and count malformed prompt rows.")
     trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory.")
     disable_tqdm: bool = opt(False, "Hide progress bars.")
@@ -413,6 +431,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
         check(self.dataset is not None or self.task is not None, "EvalConfig: give --dataset or --task")
+        _check_device(self)
         _check_engine(self)
 
 

@@ -41,7 +41,7 @@ def sample_responses(
     from ppomax.engines.hf import HFEngine
     from ppomax.models import eos_token_ids
     from ppomax.ppo.rollout import response_logprobs, reward_model_scores
-    from ppomax.training import progress
+    from ppomax.training import forked_rng, progress
 
     device = next(policy.parameters()).device
     policy.eval()
@@ -49,9 +49,8 @@ def sample_responses(
                         temperature, top_k, top_p)
     engine = engine or HFEngine(policy)
     out: dict[str, list] = {k: [] for k in ("prompts", "responses", "truncated", "length", "nll", "kl", "rm")}
-    gen_state = torch.get_rng_state()
-    torch.manual_seed(seed)  # evaluation sampling must not depend on (or disturb) training RNG
-    try:
+    # evaluation sampling must not depend on (or disturb) the caller's RNG streams, on any device
+    with forked_rng(seed):
         for s in progress(range(0, len(prompt_ids), batch_size), desc="eval", disable=disable_tqdm):
             batch = collate_prompts(prompt_ids[s : s + batch_size], tokenizer.pad_token_id)
             p_ids, p_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -71,8 +70,6 @@ def sample_responses(
                 out["prompts"].append(tokenizer.decode(ids[m.bool()], skip_special_tokens=True))
             for ids, m in zip(resp, mask):
                 out["responses"].append(tokenizer.decode(ids[m.bool()], skip_special_tokens=True))
-    finally:
-        torch.set_rng_state(gen_state)
     return out
 
 
@@ -107,9 +104,11 @@ def evaluate(cfg) -> dict[str, Any]:
     """`ppomax eval`: load the models named in ``cfg`` (an EvalConfig), sample, score, write files."""
     from ppomax import data as D
     from ppomax import models as M
-    from ppomax.training import default_device
+    from ppomax.training import resolve_device, seed_run
 
-    device = default_device()
+    device = resolve_device(cfg.device)
+    if cfg.full_determinism:
+        seed_run(cfg.seed, full_determinism=True)  # before any model reaches the GPU (cuBLAS workspace)
     rc = cfg.trust_remote_code
     tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=rc)
     gold_fn: Callable | None = None

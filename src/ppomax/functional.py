@@ -47,7 +47,7 @@ def masked_mean(
     """
     if dim is not None:
         return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1.0)
-    denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=x.dtype)
+    denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=x.dtype, device=x.device)
     return masked_sum(x, mask) / torch.clamp(denom, min=1.0)
 
 
@@ -443,7 +443,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """1 − Var[R − V] / Var[R] over the mask: 1 is a perfect critic, ≤ 0 is no better than a constant."""
     var_r = masked_var(returns, mask)
     if var_r <= 0:
-        return torch.tensor(float("nan"))
+        return torch.tensor(float("nan"), device=values.device)
     return 1.0 - masked_var(returns - values, mask) / var_r
 
 

@@ -37,14 +37,12 @@ POLL = 0.001  # seconds between looks at the run directory (an iteration of the 
 
 def make_assets(workdir: Path) -> dict[str, str]:
     """A tiny policy, a reward model on its backbone (seeded head) and a JSONL prompt file."""
-    import torch
-
     from ppomax.data import write_jsonl
     from ppomax.models import ScalarHeadModel, build_tiny_model, load_tokenizer
+    from ppomax.training import forked_rng
 
     tiny = build_tiny_model(workdir / "tiny", num_layers=1, hidden_size=32, num_heads=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with forked_rng(0):
         ScalarHeadModel.from_causal_lm(tiny).save_pretrained(workdir / "rm", tokenizer=load_tokenizer(tiny))
     write_jsonl(workdir / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     return {"model": str(tiny), "rm": str(workdir / "rm"), "prompts": str(workdir / "prompts.jsonl")}

@@ -30,7 +30,6 @@ from ppomax.training import (
     MetricsLogger,
     RankMetrics,
     autocast,
-    default_device,
     load_scheduler_state,
     make_optimizer,
     make_scheduler,
@@ -90,8 +89,8 @@ def run_supervised(
     # Data parallel under accelerate launch / torchrun: every rank holds the model, takes its share
     # of each global batch (per_device × accumulation × world), gradients are summed across ranks
     # with losses divided by the global batch's units, so the step equals the one-process step.
-    d = dist_lib.setup()
-    device = default_device()
+    d = dist_lib.setup(cfg.device)
+    device = d.device  # the model is moved here (models passed in Python too)
     out = Path(cfg.output_dir)
     resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
     if d.is_main:
@@ -109,7 +108,7 @@ def run_supervised(
         if is_peft_model(getattr(model, "backbone", model)):
             raise UserError("sharding with LoRA is not supported yet: use LoRA or --sharding, not both")
         dist_lib.check_identical(model, d, stage)
-        sharding.shard(model, mode, trainable=True)
+        sharding.shard(model, mode, trainable=True, device=device)
 
     micro = cfg.per_device_train_batch_size
     accum = cfg.gradient_accumulation_steps * d.world_size  # micro-batches per optimizer step, all ranks
@@ -176,7 +175,7 @@ def run_supervised(
                     step_stats[k] = step_stats.get(k, 0.0) + v
             for k, v in step_stats.items():
                 running.setdefault(k, []).append(v)
-            if dist_lib.all_reduce_sum(torch.tensor(float(not finite)), d) > 0:  # every rank stops together
+            if not dist_lib.all_true(finite, d):  # every rank stops together
                 raise UserError(f"{stage}: non-finite loss at step {step + 1}; lower the learning rate "
                                 f"(last checkpoint in {out} is intact)")
             gn = reduce_and_clip(model, d, mode != "none", cfg.max_grad_norm)

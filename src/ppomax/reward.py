@@ -86,10 +86,12 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised
-    from ppomax.sft import load_stage_data
+    from ppomax.sft import load_stage_data, setup_processes
+    from ppomax.training import seed_run
 
+    setup_processes(cfg)
     tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "preference", model, tokenizer)
-    torch.manual_seed(cfg.seed)
+    seed_run(cfg.seed, cfg.full_determinism)
     lm_head = None
     if model is None:
         if cfg.rm_lm_coef > 0:

@@ -68,6 +68,14 @@ def eval_lm(model, examples: list, collate, batch_size: int) -> dict[str, float]
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def setup_processes(cfg):
+    """The process group and this process's device (distributed.setup), first: a device this machine
+    lacks, or more processes than GPUs, fails before any model loads. Returns the Dist."""
+    from ppomax import distributed as dist_lib
+
+    return dist_lib.setup(cfg.device)
+
+
 def load_stage_data(cfg, kind: str, model=None, tokenizer=None) -> tuple[Any, list, list, dict]:
     """Shared by SFT and RM: check paths, load + validate rows (before any model is loaded),
     hold out eval rows, tokenize with length handling. Returns (tokenizer, train, eval, stats)."""
@@ -104,13 +112,15 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised
+    from ppomax.training import seed_run
 
+    setup_processes(cfg)
     tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "sft", model, tokenizer)
     if model is None:
         model = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     if cfg.use_peft:
         model = M.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    torch.manual_seed(cfg.seed)
+    seed_run(cfg.seed, cfg.full_determinism)
     pad = tokenizer.pad_token_id
 
     def collate(ex):

@@ -86,14 +86,20 @@ def shards(mode: str, trainable: bool) -> bool:
     return mode == "zero3" or (mode == "zero2" and trainable)
 
 
-def shard(model: nn.Module, mode: str, trainable: bool) -> nn.Module:
+def shard(model: nn.Module, mode: str, trainable: bool, device: torch.device | None = None) -> nn.Module:
     """Apply FSDP2 to ``model`` in place (blocks, then the root); a no-op unless :func:`shards`.
 
     Call it on the model still on the host (FSDP2 moves each unit to the device as it shards it,
-    so a GPU never holds the whole model) and before building the optimizer."""
+    so a GPU never holds the whole model) and before building the optimizer. ``device``: the
+    process's device (distributed.Dist.device); FSDP2's own default is CUDA whenever it exists,
+    which ``--device cpu`` on a GPU machine must not get."""
     if not shards(mode, trainable):
         return model
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),)) if device is not None else None
 
     classes = _layer_classes(model)
     blocks = [m for m in model.modules() if type(m).__name__ in classes]
@@ -105,8 +111,8 @@ def shard(model: nn.Module, mode: str, trainable: bool) -> nn.Module:
     # on it would skip a hook. ppomax only slices, indexes and multiplies them out of place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in blocks:
-        fully_shard(block, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     for name in ("hidden_states", "score_hidden", "lm_logits"):  # ScalarHeadModel entry points besides forward

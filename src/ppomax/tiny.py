@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import torch
-
 
 def _corpus_lines(corpus: Sequence[str] | str | os.PathLike | None) -> list[str]:
     if corpus is None:
@@ -41,6 +39,7 @@ def build_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from ppomax.models import CHAT_TOKENS, CHATML_TEMPLATE, EOS_TOKEN, save_causal_lm
+    from ppomax.training import forked_rng
 
     if hidden_size % num_heads:
         raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
@@ -80,8 +79,7 @@ def build_tiny_model(
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with forked_rng(seed):  # the caller's streams (CUDA's too: manual_seed reseeds it) stay where they were
         model = LlamaForCausalLM(config)
     save_causal_lm(model, tokenizer, output_dir)
     return os.fspath(output_dir)

@@ -25,15 +25,132 @@ logger = logging.getLogger("ppomax")
 
 
 def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch; ``torch.manual_seed`` seeds the CPU generator and every CUDA
+    device's (as transformers' ``set_seed``)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
+def rng_devices() -> list[int]:
+    """The CUDA devices whose generators a reseed touches: all visible ones (``torch.manual_seed``
+    reseeds every CUDA device), none without CUDA."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextlib.contextmanager
+def forked_rng(seed: int | None = None):
+    """Run the block on its own random streams, seeded with ``seed`` (None: just forked).
+
+    The one rule for every reseed that must not move training's streams (evaluation, sampling
+    for a report, building a model from a seed): the Python, NumPy, CPU and every CUDA device's
+    generators are saved and restored. Restoring only the CPU generator is not enough, because
+    ``torch.manual_seed`` reseeds CUDA too: on a GPU the training rollouts after each evaluation
+    would restart from the same random numbers."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=rng_devices(), device_type="cuda"):
+        try:
+            if seed is not None:
+                set_seed(seed)
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and determinism (one owner each: the device rule here, the process group in distributed.py)
+# ---------------------------------------------------------------------------------------------
+
+DEVICE_HELP = ("'auto' (CUDA when there is one, else CPU; under several processes cuda:LOCAL_RANK), 'cpu', "
+               "'cuda' or 'cuda:N'")
+
+
+def check_device(spec: str, field: str = "device") -> None:
+    """Refuse a device string this machine cannot give, before any model loads: a malformed one,
+    ``cuda`` without CUDA, ``cuda:N`` past the visible GPUs (a ConfigError naming ``field``)."""
+    from ppomax.fields import ConfigError
+
+    kind, _, index = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if spec not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise ConfigError(f"{field} = {spec!r} is not a device: allowed {DEVICE_HELP}")
+    if kind != "cuda":
+        return
+    if not torch.cuda.is_available():
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU" if hidden is not None and not hidden.strip(",")
+               else f"torch {torch.__version__} sees no CUDA GPU" + ("" if torch.version.cuda else " (a CPU-only build)"))
+        raise ConfigError(f"{field} = {spec!r} but CUDA is not available: {why}; use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{field} = {spec!r} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device a process trains and samples on. ``local_rank``: this process's index on its node
+    when several processes run (then 'auto' and 'cuda' mean cuda:local_rank, as torchrun and
+    accelerate lay ranks out); None for one process ('auto' and 'cuda': the current CUDA device,
+    cuda:0 unless the caller chose another with ``torch.cuda.set_device``)."""
+    check_device(spec)
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if ":" in spec:
+        if local_rank is not None:
+            raise UserError(f"device = {spec!r} puts every process on one GPU; with several processes use "
+                            "--device cuda (or auto): process r takes cuda:LOCAL_RANK")
+        return torch.device(spec)
+    return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+
+
 def default_device() -> torch.device:
+    """``resolve_device('auto')`` for one process: the current CUDA device where CUDA is available, else CPU."""
+    return resolve_device("auto")
+
+
+def enable_full_determinism(seed: int) -> None:
+    """``--full_determinism``: seed everything and make every kernel deterministic, with the name and
+    meaning of transformers' ``enable_full_determinism`` (trainer_utils.py). Process-wide, like theirs.
+
+    - ``torch.use_deterministic_algorithms(True)``: an op without a deterministic kernel raises
+      instead of silently varying;
+    - ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless set): what cuBLAS needs for deterministic matmuls
+      on CUDA >= 10.2 (PyTorch's reproducibility notes; transformers sets ``:16:8``, also valid,
+      smaller and slower). It must be set before the first CUDA matmul creates the cuBLAS handle,
+      so the stages call this before any model is placed. transformers also sets
+      ``CUDA_LAUNCH_BLOCKING=1``, which only older CUDA needed and which serialises every kernel:
+      not set here;
+    - TF32 off (fp32 matmuls and convolutions in IEEE fp32);
+    - cuDNN deterministic, no benchmark autotuning (it may pick a different kernel per run);
+    - on a machine with CUDA, attention through SDPA's math backend: the CUDA flash /
+      memory-efficient / cuDNN kernels' backward accumulates with atomics (the switches are
+      process-wide, so the CPU's flash kernel goes too). Without CUDA they are left on: the CPU
+      kernels are deterministic already, and a CPU run gives the same numbers with the flag as
+      without (tests/test_devices.py); ``FLASH_ATTENTION_DETERMINISTIC=1`` for the flash-attn
+      package, as transformers sets.
+    """
+    set_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: one setting for matmul, cuDNN, oneDNN
+        torch.backends.fp32_precision = "ieee"  # (mixing it with the legacy allow_tf32 flags raises)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_math_sdp(True)
+
+
+def seed_run(seed: int, full_determinism: bool = False) -> None:
+    """A stage's start: :func:`enable_full_determinism` when asked (``--full_determinism``), else
+    :func:`set_seed` (transformers' Trainer makes the same choice)."""
+    (enable_full_determinism if full_determinism else set_seed)(seed)
 
 
 def autocast(device: torch.device, bf16: bool, fp16: bool):
@@ -118,9 +235,11 @@ def grad_norm(parameters) -> float:
 # Run directory and metrics
 # ---------------------------------------------------------------------------------------------
 
+# Fields a resumed run may change: where it writes and how it runs, not what it computes (a run
+# that crashed on cuda:0 resumes on cuda:1, or on CPU).
 _RUN_FIELDS_IGNORED = {
     "output_dir", "resume_from", "overwrite_output_dir", "disable_tqdm", "max_steps", "save_steps",
-    "logging_steps", "report_to", "save_total_limit",
+    "logging_steps", "report_to", "save_total_limit", "device", "full_determinism",
 }
 
 

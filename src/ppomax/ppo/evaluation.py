@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,13 @@ class BestTracker:
 def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
     """``eval/*`` metrics of the trainer's current policy on ``prompt_ids``."""
     from ppomax.data import collate_prompts
+    from ppomax.training import forked_rng
 
     cfg = tr.cfg
-    rng = torch.get_rng_state()
-    torch.manual_seed(cfg.seed + 7919)  # the same eval samples for a given policy, whatever the step
     tr.policy.eval()
     sums = {"rm_reward": 0.0, "kl": 0.0, "length": 0.0, "truncated": 0.0, "nll": 0.0, "gold": 0.0}
-    try:
+    # the same eval samples for a given policy, whatever the step; every device's stream is restored
+    with forked_rng(cfg.seed + 7919):
         for s in range(0, len(prompt_ids), cfg.generation_batch_size):
             batch = collate_prompts(prompt_ids[s : s + cfg.generation_batch_size], tr.pad_id)
             p_ids, p_mask = batch["input_ids"].to(tr.device), batch["attention_mask"].to(tr.device)
@@ -89,11 +90,9 @@ def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
             if tr.gold_fn is not None:
                 prompts, responses = tr._decode(*parts)
                 sums["gold"] += float(sum(tr.gold_fn(prompts, responses, gen.truncated.tolist())))
-    finally:
-        torch.set_rng_state(rng)
     n, n_tok = len(prompt_ids), max(sums["length"], 1.0)
     out = {f"eval/{k}": sums[k] / n for k in ("rm_reward", "kl", "length", "truncated")}
-    out["eval/perplexity"] = float(torch.exp(torch.tensor(min(sums["nll"] / n_tok, 50.0))))
+    out["eval/perplexity"] = math.exp(min(sums["nll"] / n_tok, 50.0))
     if tr.gold_fn is not None:
         out["eval/gold"] = sums["gold"] / n
     return out

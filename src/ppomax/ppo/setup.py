@@ -229,12 +229,12 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
     for m, trainable in roles:  # FSDP2 (sharding.py): each rank's shards come from rank 0's copy
         if m is not None and sharding.shards(mode, trainable):
             # ranks > 0 may hold a meta-device skeleton (load_models); every rank says which it has
-            skeleton = dist_lib.all_reduce_sum(torch.tensor(float(sharding.is_skeleton(m))), dist).item() > 0
+            skeleton = dist_lib.any_rank(sharding.is_skeleton(m), dist)
             if skeleton and dist.rank == 0 and sharding.is_skeleton(m):
                 raise UserError("rank 0 must load the whole model to share it with the other ranks")
             full = dict(m.state_dict()) if skeleton and dist.rank == 0 else None  # the full tensors, kept alive
             if not skeleton:  # all ranks built it (e.g. models passed in Python): check, do not trust
                 dist_lib.check_identical(m, dist, type(m).__name__)
-            sharding.shard(m, mode, trainable)
+            sharding.shard(m, mode, trainable, device)
             if skeleton:
                 sharding.fill_from_rank0(m, full, device)

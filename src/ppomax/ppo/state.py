@@ -88,7 +88,7 @@ def nonfinite_weights(tr) -> list[str]:
     bad = []
     for name, model in _trained(tr)[0].items():
         ok = sharding.all_finite(model)  # one device sync per model (this rank's shards)
-        if not (tr._all_ranks(ok) if tr.sharding != "none" else ok):
+        if not (dist_lib.all_true(ok, tr.dist) if tr.sharding != "none" else ok):
             bad.append(name)
     return bad
 

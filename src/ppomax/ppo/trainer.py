@@ -43,13 +43,7 @@ from ppomax.ppo.rollout import (
     reward_model_scores,
 )
 from ppomax.ppo.setup import IndexSampler
-from ppomax.training import (
-    autocast,
-    default_device,
-    progress,
-    reduce_and_clip,
-    set_seed,
-)
+from ppomax.training import autocast, progress, reduce_and_clip, seed_run, set_seed
 
 logger = logging.getLogger("ppomax")
 
@@ -72,7 +66,9 @@ class PPOTrainer:
     Args:
         config: a :class:`PPOConfig` (e.g. ``PPOConfig.from_preset("ppo_max", ...)``).
         policy / ref_policy / reward_model / critic: models, or None to load from the paths in
-            ``config`` (policy and reference from ``model_name_or_path`` / ``ref_model_path``).
+            ``config`` (policy and reference from ``model_name_or_path`` / ``ref_model_path``). Models
+            passed in are moved in place (``Module.to``) to the trainer's device, ``self.device``
+            (``config.device``; 'auto': cuda:LOCAL_RANK with CUDA, else CPU), wherever they were.
         tokenizer: shared by all four models; loaded from ``model_name_or_path`` if None.
         prompts: list of strings (or prompt rows); None reads ``config.dataset``.
         reward_fn: ``reward_fn(prompts, responses) -> list[float]`` used instead of a reward model.
@@ -104,14 +100,14 @@ class PPOTrainer:
             raise ConfigError("PPO needs a reward: --reward_model_path, or reward_fn= in Python")
         if policy is None and cfg.model_name_or_path is None:
             raise ConfigError("PPOConfig.model_name_or_path is required (flag --model_name_or_path)")
-        self.dist = dist_lib.setup()  # rank and world size: 1 process unless started by accelerate / torchrun
+        self.dist = dist_lib.setup(cfg.device)  # rank, world size (1 unless launched by accelerate / torchrun), device
         W = self.dist.world_size
         if cfg.rollout_batch_size % W or cfg.mini_batch_size % W:
             raise ConfigError(f"with {W} processes, rollout_batch_size = {cfg.rollout_batch_size} and the mini-batch "
                               f"size {cfg.mini_batch_size} must be divisible by {W} (they are global sizes)")
         self.sharding = sharding.resolve_mode(cfg.sharding, W)
-        self.device = default_device()
-        set_seed(cfg.seed)  # the same on every rank: fresh heads and LoRA matrices start identical
+        self.device = self.dist.device  # the one device of this process: models, rollouts, collectives
+        seed_run(cfg.seed, cfg.full_determinism)  # the same on every rank: fresh heads and LoRA matrices start identical
 
         # ---- data first: bad rows fail before any model is loaded -----------------------------
         if tokenizer is None:
@@ -234,14 +230,14 @@ class PPOTrainer:
         exp, timings = self.make_experience()
         self._last_exp = exp
         row = dict(timings)
-        finite = self._all_ranks(bool(torch.isfinite(exp.scores).all()))
+        finite = dist_lib.all_true(bool(torch.isfinite(exp.scores).all()), self.dist)
         if not finite:
             row.update(self._skip("non-finite reward scores"))
             row.update(experience_metrics(exp, self.critic is not None))
             return row
         moments = self.score_moments.state_dict()  # a skipped iteration leaves them as they were
         self.compute_advantages(exp)
-        if not self._all_ranks(bool(torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all())):
+        if not dist_lib.all_true(bool(torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all()), self.dist):
             self.score_moments.load_state_dict(moments)
             row.update(self._skip("non-finite advantages or returns"))
             row.update(experience_metrics(exp, self.critic is not None))
@@ -397,7 +393,8 @@ class PPOTrainer:
                 n_tok = dist_lib.all_reduce_sum(mb.mask.sum(), self.dist)
                 # token_sum (Dr. GRPO): a constant divisor, responses × response_length, not the token count
                 norm = (n_tok if cfg.loss_reduction == "token_mean" else
-                        dist_lib.all_reduce_sum(torch.tensor(float(mb.scores.numel())), self.dist) * cfg.response_length)
+                        dist_lib.all_reduce_sum(torch.tensor(float(mb.scores.numel()), device=self.device), self.dist)
+                        * cfg.response_length)
                 mb_stats: dict[str, float] = {}
                 for m0 in range(0, mb.scores.numel(), micro):
                     sl = slice(m0, m0 + micro)
@@ -475,12 +472,6 @@ class PPOTrainer:
         self._backward(cfg.ptx_coef * loss / self.dist.world_size, "ptx loss")  # summed over ranks: the mean
         return {"ptx/loss": loss.item()}
 
-    def _all_ranks(self, ok: bool) -> bool:
-        """True when ``ok`` holds on every rank (skip decisions must agree, or collectives would hang)."""
-        if not self.dist.enabled:
-            return ok
-        return dist_lib.all_reduce_sum(torch.tensor(0.0 if ok else 1.0), self.dist).item() == 0
-
     def _reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """Numeric metrics averaged over ranks (the update's token means are already global)."""
         if not self.dist.enabled:
@@ -512,7 +503,7 @@ class PPOTrainer:
         self._nonfinite = []
         if bad:
             causes.append(f"non-finite gradient norm ({', '.join(bad)})")
-        if not self._all_ranks(not causes) and not causes:
+        if not dist_lib.all_true(not causes, self.dist) and not causes:  # skip decisions agree on every rank
             causes.append("non-finite loss on another rank")
         if causes:
             stats.update(self._skip("; ".join(causes)))
