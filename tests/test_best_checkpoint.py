@@ -38,7 +38,8 @@ def models(tmp_path_factory):
 CFG = dict(rollout_batch_size=4, num_mini_batches=2, per_device_train_batch_size=2, generation_batch_size=4,
            response_length=6, critic_init="sft", learning_rate=3e-3, critic_learning_rate=1e-3,
            critic_pretrain_steps=1, max_steps=6, eval_steps=1, metric_for_best_model="gold", save_steps=2,
-           save_total_limit=1, report_to="none", disable_tqdm=True, num_sample_generations=0, seed=0)
+           save_total_limit=1, report_to="none", disable_tqdm=True, num_sample_generations=0, seed=0,
+           full_determinism=torch.cuda.is_available())  # the runs compared bit for bit: on a GPU, deterministic kernels
 
 
 def trainer(models, out, **kw) -> PPOTrainer:
@@ -107,11 +108,11 @@ def test_best_survives_rotation_and_resume(models, tmp_path):
 def test_load_best_model_at_end_restores_the_best_weights(models, tmp_path):
     tr = trainer(models, tmp_path, load_best_model_at_end=True)
     tr.train()
-    disk = load_file(best_dir(tmp_path) / "policy" / "model.safetensors")
-    assert all(torch.equal(p, disk[k]) for k, p in tr.policy.state_dict().items() if k in disk)
+    disk = load_file(best_dir(tmp_path) / "policy" / "model.safetensors")  # on the CPU; the policy on tr.device
+    assert all(torch.equal(p.cpu(), disk[k]) for k, p in tr.policy.state_dict().items() if k in disk)
     last = load_file(tmp_path / "checkpoint-7" / "policy" / "model.safetensors")
     if best_dir(tmp_path).name != "checkpoint-7":
-        assert not all(torch.equal(p, last[k]) for k, p in tr.policy.state_dict().items() if k in last)
+        assert not all(torch.equal(p.cpu(), last[k]) for k, p in tr.policy.state_dict().items() if k in last)
 
 
 def test_rollback_and_best_never_delete_each_other(models, tmp_path):

@@ -61,7 +61,7 @@ def scripted_sampler(script: list[list[int]]):
 
     def sample(logits, temperature, top_k=0, top_p=1.0):
         t = next(steps)
-        return torch.tensor([row[t] for row in script], dtype=torch.long)
+        return torch.tensor([row[t] for row in script], dtype=torch.long, device=logits.device)
 
     return sample
 
@@ -275,7 +275,7 @@ def test_truncated_mean_is_logged_and_ppo_max_penalises_a_missing_eos(tiny, tmp_
     assert row["reward/truncated_mean"] == pytest.approx(raw[[1, 3]].mean().item())
     assert row["response/truncated_frac"] == 0.5
     # the penalty is subtracted from the raw scores of the truncated rows, before normalisation
-    penalised = raw - 1.0 * torch.tensor([0.0, 1.0, 0.0, 1.0])
+    penalised = raw - 1.0 * torch.tensor([0.0, 1.0, 0.0, 1.0], device=raw.device)
     assert tr.score_moments.mean == pytest.approx(penalised.mean().item(), abs=1e-6)
 
 

@@ -5,6 +5,13 @@ one fixed experience buffer (built once here), and the loss statistics and the g
 the optimizers must match a single process that sees the whole buffer. The end-to-end test runs
 `accelerate launch --multi_gpu --num_processes 2 -m ppomax ppo` on CPU (gloo): one metrics file
 and one set of checkpoints, written by rank 0.
+
+Devices: two ranks need two GPUs (NCCL). With fewer, the spawned ranks get CUDA_VISIBLE_DEVICES=""
+(CPU and gloo) and the one-process reference runs on the CPU too, so a one-GPU machine runs these
+tests as CI does; with two or more GPUs they run on cuda:0 / cuda:1 under NCCL (and
+--full_determinism, for the exact comparisons). Every spawned rank runs with
+PPOMAX_CHECK_COLLECTIVES=1: a collective handed a tensor off the rank's device, or called from a
+ppomax module other than distributed.py / sharding.py, fails (distributed.check_collectives).
 """
 
 from __future__ import annotations
@@ -24,6 +31,32 @@ from ppomax.config import PPOConfig
 from ppomax.models import ScalarHeadModel, build_tiny_model
 
 PROMPTS = ["hello there", "the cat sat", "a dog ran", "say words", "one two", "red blue"]
+TWO_GPUS = torch.cuda.device_count() >= 2  # else the ranks (and the reference) run on CPU with gloo
+REF = {} if TWO_GPUS else {"device": "cpu"}  # the one-process reference, on the ranks' kind of device
+
+
+@pytest.fixture(autouse=True)
+def _rank_environment(monkeypatch):
+    """What every spawned rank inherits: hidden GPUs unless there is one per rank, checked collectives."""
+    if not TWO_GPUS:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # read by CUDA when a child first asks for it
+    monkeypatch.setenv("PPOMAX_CHECK_COLLECTIVES", "1")
+
+
+def _cpu(x):
+    """Tensors (in dicts) moved to the CPU: what a rank saves for the parent to compare."""
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(_cpu(v) for v in x)
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _experience_on(exp, device):
+    import dataclasses
+
+    return dataclasses.replace(exp, **{f.name: getattr(exp, f.name).to(device) for f in dataclasses.fields(exp)
+                                       if getattr(exp, f.name) is not None})
 
 
 def n_words(prompts, responses):
@@ -41,7 +74,7 @@ def _config(model_dir: str, out: str, **kw) -> PPOConfig:
         model_name_or_path=model_dir, output_dir=out, critic_init="sft", max_steps=1, critic_pretrain_steps=0,
         rollout_batch_size=4, num_mini_batches=1, per_device_train_batch_size=4, num_ppo_epochs=1,
         response_length=6, report_to="none", disable_tqdm=True, learning_rate=1e-3, critic_learning_rate=1e-3,
-        max_grad_norm=None, seed=5,
+        max_grad_norm=None, seed=5, full_determinism=TWO_GPUS,
     )
     values.update(kw)
     return PPOConfig.from_preset("ppo_max", **values)
@@ -56,20 +89,33 @@ def _update_and_capture(model_dir: str, out: str, exp_path: str, rank: int, worl
     torch.set_num_threads(1)
     trainer = PPOTrainer(_config(model_dir, out, **kw), prompts=PROMPTS, reward_fn=n_words)
     assert trainer.dist.world_size == world and trainer.dist.rank == rank
-    exp = torch.load(exp_path, weights_only=False)
+    exp = _experience_on(torch.load(exp_path, weights_only=False), trainer.device)
     n = exp.scores.numel() // world
-    exp = copy.copy(exp).index(torch.arange(rank * n, (rank + 1) * n))
+    exp = copy.copy(exp).index(torch.arange(rank * n, (rank + 1) * n, device=trainer.device))
     grads: dict[str, dict[str, torch.Tensor]] = {}
     for name, opt, model in (("policy", trainer.policy_opt, trainer.policy), ("critic", trainer.critic_opt, trainer.critic)):
 
         def capture(optimizer, args, kwargs, _name=name, _model=model):
-            grads[_name] = {pn: _full(p.grad).detach().clone() for pn, p in _model.named_parameters()
+            grads[_name] = {pn: _full(p.grad).detach().cpu() for pn, p in _model.named_parameters()
                             if p.grad is not None}
 
         opt.register_step_pre_hook(capture)
     trainer.compute_advantages(exp)
     stats = trainer.update(exp, train_policy=True)
-    return {"stats": stats, "grads": grads, "moments": trainer.score_moments.state_dict()}
+    return {"stats": stats, "grads": grads, "moments": trainer.score_moments.state_dict(), "device": str(trainer.device)}
+
+
+def _direct_collective_from_ppomax() -> str:
+    """What the collective check says to a torch.distributed call made from a ppomax module other
+    than distributed.py / sharding.py (the check fails before the collective starts, on every rank)."""
+    import ppomax
+
+    fake = os.path.join(os.path.dirname(ppomax.__file__), "ppo", "new_module.py")
+    try:
+        exec(compile("torch.distributed.all_reduce(torch.zeros(1))", fake, "exec"), {"torch": torch})
+    except RuntimeError as e:
+        return str(e)
+    return "allowed"
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -81,6 +127,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out: str, exp_path
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     res = _update_and_capture(model_dir, out, exp_path, rank, world, kw)
+    res["direct_call"] = _direct_collective_from_ppomax()
     torch.save(res, os.path.join(out, f"result-{rank}.pt"))
     from ppomax.distributed import shutdown
 
@@ -97,12 +144,12 @@ def setup(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = PPOTrainer(_config(model_dir, str(root / "sample")), prompts=PROMPTS, reward_fn=n_words)
+        trainer = PPOTrainer(_config(model_dir, str(root / "sample"), **REF), prompts=PROMPTS, reward_fn=n_words)
         exp, _ = trainer.make_experience()
     finally:
         torch.set_num_threads(n)
     assert exp.mask.sum(-1).min() >= 1
-    torch.save(exp, root / "exp.pt")
+    torch.save(_experience_on(exp, "cpu"), root / "exp.pt")  # loadable by ranks that see no GPU
     return root, model_dir
 
 
@@ -116,7 +163,7 @@ def test_two_processes_equal_one_process(setup, tmp_path, kw):
     root, model_dir = setup
     n = torch.get_num_threads()
     try:
-        one = _update_and_capture(model_dir, str(tmp_path / "one"), str(root / "exp.pt"), 0, 1, kw)
+        one = _update_and_capture(model_dir, str(tmp_path / "one"), str(root / "exp.pt"), 0, 1, {**kw, **REF})
     finally:
         torch.set_num_threads(n)
     out = tmp_path / "two"
@@ -124,7 +171,9 @@ def test_two_processes_equal_one_process(setup, tmp_path, kw):
     mp.start_processes(_worker, args=(2, _free_port(), model_dir, str(out), str(root / "exp.pt"), kw), nprocs=2,
                        join=True, start_method="spawn")
     two = [torch.load(out / f"result-{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["device"] for r in two] == (["cuda:0", "cuda:1"] if TWO_GPUS else ["cpu", "cpu"])
     for r in two:
+        assert "ppo/new_module.py calls torch.distributed.all_reduce directly" in r["direct_call"]  # the check is on
         # Loss statistics: the global token means, on every rank.
         for k in ("policy/loss", "critic/value_loss", "policy/clipfrac", "policy/approx_kl", "policy/entropy"):
             assert r["stats"][k] == pytest.approx(one["stats"][k], rel=1e-5, abs=1e-7), k
@@ -214,7 +263,7 @@ SFT_ROWS = [{"prompt": f"Question {i}:", "response": " ".join(["the cat sat"] * 
 PAIR_ROWS = [{"prompt": f"Pick {i}:", "chosen": "the cat sat", "rejected": "a dog " * (1 + i % 3)} for i in range(12)]
 
 
-def _supervised(stage: str, model_dir: str, out: str, accum: int, sharding: str = "none"):
+def _supervised(stage: str, model_dir: str, out: str, accum: int, sharding: str = "none", device: str = "auto"):
     from ppomax.config import RewardConfig, SFTConfig
     from ppomax.data import write_jsonl
     from ppomax.reward import train_reward_model
@@ -226,7 +275,7 @@ def _supervised(stage: str, model_dir: str, out: str, accum: int, sharding: str 
     kw = dict(model_name_or_path=model_dir, dataset=data, output_dir=os.path.join(out, "run"), max_steps=3,
               per_device_train_batch_size=2, gradient_accumulation_steps=accum, learning_rate=1e-2,
               eval_split=0.0, report_to="none", disable_tqdm=True, max_length=64, max_prompt_length=16, seed=3,
-              sharding=sharding, save_steps=2)
+              sharding=sharding, save_steps=2, device=device, full_determinism=TWO_GPUS)
     if stage == "sft":
         return train_sft(SFTConfig(**kw))["metrics"]
     return train_reward_model(RewardConfig(**kw, rm_lm_coef=0.5))["metrics"]  # with the LM term (tied head)
@@ -254,7 +303,7 @@ def test_two_process_sft_and_rm_equal_one_process(setup, tmp_path, stage, shardi
     two_dir.mkdir()
     n = torch.get_num_threads()
     try:
-        one = _supervised(stage, model_dir, str(one_dir), accum=2)
+        one = _supervised(stage, model_dir, str(one_dir), accum=2, **REF)
     finally:
         torch.set_num_threads(n)
     mp.start_processes(_supervised_worker, args=(2, _free_port(), stage, model_dir, str(two_dir), sharding), nprocs=2,
@@ -300,7 +349,7 @@ def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, 
     trainer._load(trainer.out / "checkpoint-1")
     after = snapshot()
     if rank == 0:
-        torch.save({"before": before, "changed": changed, "after": after}, os.path.join(out, "snap.pt"))
+        torch.save(_cpu({"before": before, "changed": changed, "after": after}), os.path.join(out, "snap.pt"))
     trainer = None  # drop the sharded models before the process group goes
     from ppomax.distributed import shutdown
 
@@ -444,7 +493,7 @@ def _vllm_sync_weights_worker(rank: int, world: int, port: int, model_dir: str, 
 
         with tempfile.TemporaryDirectory() as d:
             gathered.save_pretrained(d)
-            torch.save({"pushed": pushed}, os.path.join(out, "pushed.pt"))
+            torch.save({"pushed": _cpu(pushed)}, os.path.join(out, "pushed.pt"))
             import shutil
 
             shutil.copytree(d, os.path.join(out, "policy"))

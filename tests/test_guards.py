@@ -59,7 +59,8 @@ def params(model) -> dict[str, torch.Tensor]:
 
 
 def unchanged(model, before: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    """Every parameter equals its snapshot (compared on the CPU: a loaded checkpoint is there)."""
+    return all(torch.equal(v.cpu(), before[k].cpu()) for k, v in model.named_parameters())
 
 
 def finite(model) -> bool:
@@ -229,7 +230,7 @@ def _spy_rollbacks(tr: PPOTrainer) -> list[dict]:
         real(path, restore_rng=restore_rng)
         disk = dict(load_causal_lm(path / "policy").named_parameters())
         events.append({"path": path, "eta_before": eta, "iteration": tr.iteration,
-                       "restored": all(torch.equal(v, disk[k]) for k, v in tr.policy.named_parameters())})
+                       "restored": all(torch.equal(v.cpu(), disk[k]) for k, v in tr.policy.named_parameters())})
 
     tr._load = load
     return events

@@ -19,6 +19,7 @@ from ppomax.ppo.rollout import response_logprobs  # noqa: E402
 from ppomax.ppo.trainer import PPOTrainer  # noqa: E402
 
 PROMPTS = ["hello there", "the cat sat", "a dog ran", "say words"]
+EXACT = torch.cuda.is_available()  # bit-exact comparisons hold on a GPU under --full_determinism (on CPU always)
 
 
 def n_words(prompts, responses):
@@ -43,13 +44,13 @@ def ppo_config(tiny: str, out, **kw) -> PPOConfig:
 
 
 def fixed_parts(trainer: PPOTrainer):
-    """A fixed [prompt | response] batch (B=2, P=3, T=4) for comparing log-probs."""
+    """A fixed [prompt | response] batch (B=2, P=3, T=4) for comparing log-probs, on the trainer's device."""
     g = torch.Generator().manual_seed(0)
     p_ids = torch.randint(3, 200, (2, 3), generator=g)
     resp = torch.randint(3, 200, (2, 4), generator=g)
     p_mask = torch.ones(2, 3, dtype=torch.long)
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
-    return p_ids, p_mask, resp, mask
+    return tuple(x.to(trainer.device) for x in (p_ids, p_mask, resp, mask))
 
 
 def randomize_lora(model) -> None:
@@ -69,7 +70,7 @@ def test_reference_is_the_base_model_with_adapters_disabled(tiny, tmp_path):
     trainer = PPOTrainer(ppo_config(tiny, tmp_path / "run"), prompts=PROMPTS, reward_fn=n_words)
     assert trainer.ref_policy is None
     randomize_lora(trainer.policy)
-    base = M.load_causal_lm(tiny).eval()
+    base = M.load_causal_lm(tiny).eval().to(trainer.device)
     parts = fixed_parts(trainer)
     with torch.no_grad():
         ref = trainer._ref_logprobs(parts)
@@ -157,13 +158,13 @@ def test_merge_gives_the_adapter_models_logits(tiny, tmp_path):
     randomize_lora(trainer.policy)
     ckpt = trainer.save()
     out = M.merge_lora(ckpt / "policy", tiny, tmp_path / "merged")
-    merged = M.load_causal_lm(out).eval()
+    merged = M.load_causal_lm(out).eval().to(trainer.device)
     assert not M.is_peft_model(merged)
-    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(2)).to(trainer.device)
     with torch.no_grad():
         expect = trainer.policy.eval()(input_ids=ids).logits
         got = merged(input_ids=ids).logits
-        auto = M.load_causal_lm(ckpt / "policy").eval()(input_ids=ids).logits  # merged on load
+        auto = M.load_causal_lm(ckpt / "policy").eval().to(trainer.device)(input_ids=ids).logits  # merged on load
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(auto, expect, atol=1e-5, rtol=1e-5)
     assert M.load_tokenizer(out).chat_template is not None
@@ -232,10 +233,10 @@ def test_reward_model_with_lora_saves_a_merged_scalar_head_model(tiny, tmp_path)
     res = train_reward_model(RewardConfig(
         model_name_or_path=tiny, dataset=str(tmp_path / "pref.jsonl"), output_dir=str(out), max_steps=12,
         per_device_train_batch_size=8, learning_rate=2e-2, eval_split=0.0, report_to="none", disable_tqdm=True,
-        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6))
+        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6, full_determinism=EXACT))
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert res["metrics"][-1]["train/accuracy"] == 1.0
-    reloaded = M.ScalarHeadModel.from_pretrained(out).eval()  # a plain (merged) scalar-head model
+    reloaded = M.ScalarHeadModel.from_pretrained(out).eval()  # a plain (merged) scalar-head model, on the CPU
     assert not M.is_peft_model(reloaded.backbone) and not M.is_peft_model(res["model"].backbone)
     base = M.ScalarHeadModel.from_causal_lm(tiny)
     changed = {n for n, p in reloaded.backbone.named_parameters()
@@ -243,10 +244,11 @@ def test_reward_model_with_lora_saves_a_merged_scalar_head_model(tiny, tmp_path)
     assert changed and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
                            for n in changed)  # the base moved only by the merged LoRA deltas
     tok = M.load_tokenizer(out)
-    enc = tok([" the cat sat", " a dog ran"], padding=True, return_tensors="pt")
+    device = next(res["model"].parameters()).device  # the trained model stays on the stage's device
+    enc = tok([" the cat sat", " a dog ran"], padding=True, return_tensors="pt").to(device)
     with torch.no_grad():
         a = res["model"].eval()(enc["input_ids"], enc["attention_mask"])
-        b = reloaded(enc["input_ids"], enc["attention_mask"])
+        b = reloaded.to(device)(enc["input_ids"], enc["attention_mask"])
     assert torch.equal(a, b)
     # resume from the step-6 checkpoint (adapters + head + AdamW state) ends bit-identical
     import shutil
@@ -258,7 +260,8 @@ def test_reward_model_with_lora_saves_a_merged_scalar_head_model(tiny, tmp_path)
     resumed = train_reward_model(RewardConfig(
         model_name_or_path=tiny, dataset=str(tmp_path / "pref.jsonl"), output_dir=str(crashed), max_steps=12,
         per_device_train_batch_size=8, learning_rate=2e-2, eval_split=0.0, report_to="none", disable_tqdm=True,
-        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6, resume_from=str(crashed / "checkpoint-6")))
+        warmup_ratio=0.0, use_peft=True, lora_r=4, save_steps=6, resume_from=str(crashed / "checkpoint-6"),
+        full_determinism=EXACT))
     for name, p in res["model"].state_dict().items():
         assert torch.equal(p, resumed["model"].state_dict()[name]), name
 

@@ -85,8 +85,9 @@ def make_trainer(models, out, preset: str = "ppo_max", reward_fn=share_of_the, *
                       reward_fn=reward_fn)
 
 
-def hand_experience(scores, truncated=None, seed: int = 0) -> Experience:
-    """B = 3 responses of lengths 4, 2, 1 (T = 4) with random log-probs and values."""
+def hand_experience(scores, truncated=None, seed: int = 0, device="cpu") -> Experience:
+    """B = 3 responses of lengths 4, 2, 1 (T = 4) with random log-probs and values, on ``device``
+    (a trainer's: built on the CPU from a seeded generator, so the numbers do not depend on it)."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float32)
     B, T = mask.shape
@@ -95,11 +96,12 @@ def hand_experience(scores, truncated=None, seed: int = 0) -> Experience:
     values = torch.randn(B, T, generator=g) * mask
     if truncated is None:
         truncated = [False] * B
-    return Experience(
+    exp = dict(
         prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
         response_ids=torch.zeros(B, T, dtype=torch.long), mask=mask, truncated=torch.tensor(truncated),
         logprobs=logp, ref_logprobs=ref, values=values, scores=torch.tensor(scores, dtype=torch.float32),
     )
+    return Experience(**{k: v.to(device) for k, v in exp.items()})
 
 
 LAST = [3, 1, 0]  # index of the last response token of each row of hand_experience
@@ -117,9 +119,9 @@ def param_snapshot(model) -> dict[str, torch.Tensor]:
 def test_kl_coef_zero_rewards_are_the_score_at_the_last_token(models, tmp_path):
     tr = make_trainer(models, tmp_path, preset="vanilla")
     assert tr.kl_coef == 0.0
-    exp = hand_experience([1.0, -2.0, 3.0])
+    exp = hand_experience([1.0, -2.0, 3.0], device=tr.device)
     tr.compute_advantages(exp)
-    expected = torch.zeros(3, 4)
+    expected = torch.zeros(3, 4, device=tr.device)
     for b, s in enumerate([1.0, -2.0, 3.0]):
         expected[b, LAST[b]] = s
     assert torch.equal(exp.processed_scores, exp.scores)  # vanilla: raw scores
@@ -130,7 +132,7 @@ def test_kl_coef_zero_rewards_are_the_score_at_the_last_token(models, tmp_path):
 
 def test_kl_coef_puts_minus_eta_kl_on_every_token(models, tmp_path):
     tr = make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1)
-    exp = hand_experience([1.0, -2.0, 3.0])
+    exp = hand_experience([1.0, -2.0, 3.0], device=tr.device)
     tr.compute_advantages(exp)
     kl = (exp.logprobs - exp.ref_logprobs) * exp.mask  # k1
     expected = -0.1 * kl
@@ -139,7 +141,7 @@ def test_kl_coef_puts_minus_eta_kl_on_every_token(models, tmp_path):
     assert torch.allclose(exp.rewards, expected, atol=1e-6)
     # k3 estimator: ρ = π_ref/π_old, (ρ − 1) − log ρ ≥ 0
     tr3 = make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1, kl_estimator="k3")
-    exp3 = hand_experience([1.0, -2.0, 3.0])
+    exp3 = hand_experience([1.0, -2.0, 3.0], device=tr3.device)
     tr3.compute_advantages(exp3)
     log_rho = (exp3.ref_logprobs - exp3.logprobs) * exp3.mask
     assert torch.allclose(exp3.kl, (torch.exp(log_rho) - 1 - log_rho) * exp3.mask, atol=1e-6)
@@ -149,14 +151,14 @@ def test_kl_coef_puts_minus_eta_kl_on_every_token(models, tmp_path):
 def test_reward_clip_bounds_processed_scores(models, tmp_path):
     # clipping alone (no normalisation): clamp the raw scores to [−δ, δ]
     tr = make_trainer(models, tmp_path, preset="vanilla", reward_clip=0.5)
-    exp = hand_experience([1.0, -2.0, 0.2])
+    exp = hand_experience([1.0, -2.0, 0.2], device=tr.device)
     tr.compute_advantages(exp)
     assert exp.processed_scores.tolist() == pytest.approx([0.5, -0.5, 0.2])
     assert exp.rewards[0, 3].item() == pytest.approx(0.5)
     # PPO-max (Eq. 18): r̃ = clip((r − μ)/σ, −δ, δ)
     tr = make_trainer(models, tmp_path, preset="ppo_max", reward_clip=0.8, kl_coef=0.0)
     scores = [0.0, 0.1, 10.0]
-    exp = hand_experience(scores)
+    exp = hand_experience(scores, device=tr.device)
     tr.compute_advantages(exp)
     s = torch.tensor(scores, dtype=torch.float64)
     z = (s - s.mean()) / s.std(unbiased=False)  # ≈ [-0.72, -0.69, 1.41]
@@ -168,8 +170,8 @@ def test_reward_clip_bounds_processed_scores(models, tmp_path):
 def test_reward_normalize_uses_moments_of_all_history(models, tmp_path):
     tr = make_trainer(models, tmp_path, preset="vanilla", reward_normalize=True)
     first, second = [1.0, 2.0, 3.0], [10.0, 11.0, 12.0]
-    tr.compute_advantages(hand_experience(first))
-    exp = hand_experience(second)
+    tr.compute_advantages(hand_experience(first, device=tr.device))
+    exp = hand_experience(second, device=tr.device)
     tr.compute_advantages(exp)
     hist = torch.tensor(first + second, dtype=torch.float64)
     expected = (torch.tensor(second, dtype=torch.float64) - hist.mean()) / hist.std(unbiased=False)
@@ -182,8 +184,8 @@ def test_reward_normalize_uses_moments_of_all_history(models, tmp_path):
 def test_reward_scaling_divides_by_running_std(models, tmp_path):
     tr = make_trainer(models, tmp_path, preset="vanilla", reward_scaling=True)
     first, second = [1.0, 2.0, 3.0], [10.0, 11.0, 12.0]
-    tr.compute_advantages(hand_experience(first))
-    exp = hand_experience(second)
+    tr.compute_advantages(hand_experience(first, device=tr.device))
+    exp = hand_experience(second, device=tr.device)
     tr.compute_advantages(exp)
     std = torch.tensor(first + second, dtype=torch.float64).std(unbiased=False).item()
     assert exp.processed_scores.tolist() == pytest.approx([x / std for x in second], rel=1e-5)  # no shift
@@ -191,21 +193,24 @@ def test_reward_scaling_divides_by_running_std(models, tmp_path):
 
 def test_missing_eos_penalty_hits_truncated_responses_only(models, tmp_path):
     tr = make_trainer(models, tmp_path, preset="vanilla", missing_eos_penalty=2.0)
-    exp = hand_experience([1.0, -2.0, 3.0], truncated=[True, False, True])
+    exp = hand_experience([1.0, -2.0, 3.0], truncated=[True, False, True], device=tr.device)
     tr.compute_advantages(exp)
     assert exp.processed_scores.tolist() == pytest.approx([-1.0, -2.0, 1.0])
     assert exp.scores.tolist() == [1.0, -2.0, 3.0]  # raw scores (logged) are untouched
     # off (None): nothing subtracted
     tr = make_trainer(models, tmp_path, preset="vanilla")
-    exp = hand_experience([1.0, -2.0, 3.0], truncated=[True, False, True])
+    exp = hand_experience([1.0, -2.0, 3.0], truncated=[True, False, True], device=tr.device)
     tr.compute_advantages(exp)
     assert exp.processed_scores.tolist() == pytest.approx([1.0, -2.0, 3.0])
 
 
 def test_whiten_rewards(models, tmp_path):
-    plain, white = hand_experience([1.0, -2.0, 3.0]), hand_experience([1.0, -2.0, 3.0])
-    make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1).compute_advantages(plain)
-    make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1, whiten_rewards=True).compute_advantages(white)
+    tr_plain = make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1)
+    tr_white = make_trainer(models, tmp_path, preset="vanilla", kl_coef=0.1, whiten_rewards=True)
+    plain = hand_experience([1.0, -2.0, 3.0], device=tr_plain.device)
+    white = hand_experience([1.0, -2.0, 3.0], device=tr_white.device)
+    tr_plain.compute_advantages(plain)
+    tr_white.compute_advantages(white)
     m = plain.mask
     # unit variance over the response tokens, mean kept (shift_mean=False), zero outside the mask
     assert F.masked_var(white.rewards, m).item() == pytest.approx(1.0, rel=1e-4)
@@ -283,7 +288,7 @@ def test_entropy_bonus_changes_the_gradient_by_the_entropy_gradient(models, tmp_
     d0, _ = _sgd_deltas(base, copy.deepcopy(exp))
     d1, _ = _sgd_deltas(ent, copy.deepcopy(exp))
     # loss_ent = loss − c·H̄  =>  Δθ_ent − Δθ = +c·∇H̄ (SGD, lr 1, no clipping in vanilla)
-    policy = copy.deepcopy(models.policy)
+    policy = copy.deepcopy(models.policy).to(base.device)
     parts = (exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
     _, h = response_logprobs(policy, parts, 1.0, with_entropy=True)
     F.masked_mean(h, exp.mask).backward()
@@ -346,8 +351,8 @@ def test_parameters_change_after_a_ppo_step(models, tmp_path):
     for k, v in tr.critic.named_parameters():
         assert not torch.equal(v, c0[k]), f"critic {k} unchanged"
     # the frozen reference did not move
-    for k, v in models.ref.named_parameters():
-        assert torch.equal(v, dict(models.policy.named_parameters())[k])
+    for k, v in models.ref.named_parameters():  # on the trainer's device; models.policy never left the CPU
+        assert torch.equal(v.cpu(), dict(models.policy.named_parameters())[k])
 
 
 def test_adaptive_kl_moves_kl_coef(models, dirs, tmp_path):
@@ -384,12 +389,12 @@ def test_critic_pretraining_freezes_the_policy(models, tmp_path):
         ck = tmp_path / "run" / f"checkpoint-{step}"
         policy = dict(load_causal_lm(ck / "policy").named_parameters())
         critic = dict(ScalarHeadModel.from_pretrained(ck / "critic").named_parameters())
-        for k, v in p0.items():
-            assert torch.equal(policy[k], v), f"policy {k} moved during critic pre-training (iteration {step})"
-        assert any(not torch.equal(critic[k], prev_critic[k]) for k in critic), f"critic unchanged at {step}"
+        for k, v in p0.items():  # the checkpoint is on the CPU, the snapshot on the trainer's device
+            assert torch.equal(policy[k], v.cpu()), f"policy {k} moved during critic pre-training (iteration {step})"
+        assert any(not torch.equal(critic[k], prev_critic[k].cpu()) for k in critic), f"critic unchanged at {step}"
         prev_critic = critic
     policy = dict(load_causal_lm(tmp_path / "run" / "checkpoint-3" / "policy").named_parameters())
-    assert any(not torch.equal(policy[k], v) for k, v in p0.items())
+    assert any(not torch.equal(policy[k], v.cpu()) for k, v in p0.items())
 
 
 def test_ppo_max_raises_reward_with_bounded_kl(models, tmp_path):

@@ -49,7 +49,11 @@ def make_assets(workdir: Path) -> dict[str, str]:
 
 
 def ppo_argv(assets: dict[str, str], out: Path, steps: int, seed: int) -> list[str]:
-    """The one command line used for the first start and every restart (`--resume_from latest`)."""
+    """The one command line used for the first start and every restart (`--resume_from latest`).
+    On a GPU it adds --full_determinism: without deterministic kernels two runs differ in the last
+    bits (docs/reliability.md), and the comparison with the reference would measure that instead."""
+    import torch
+
     return [
         sys.executable, "-m", "ppomax", "ppo", "--model_name_or_path", assets["model"],
         "--reward_model_path", assets["rm"], "--dataset", assets["prompts"], "--output_dir", str(out),
@@ -58,7 +62,7 @@ def ppo_argv(assets: dict[str, str], out: Path, steps: int, seed: int) -> list[s
         "--response_length", "8", "--learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
         "--num_sample_generations", str(SAMPLES_PER_STEP), "--save_steps", "1", "--save_total_limit", "2",
         "--report_to", "none", "--disable_tqdm", "--seed", str(seed), "--resume_from", "latest",
-    ]
+    ] + (["--full_determinism"] if torch.cuda.is_available() else [])
 
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
