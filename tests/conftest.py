@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+# cuBLAS takes its workspace setting when the first CUDA matmul creates its handle, so the tests that
+# run with --full_determinism on a GPU need it set before any test touches CUDA. It changes no number.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():

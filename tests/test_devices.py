@@ -154,7 +154,9 @@ class _Joined(Exception):
 def test_more_processes_than_gpus_is_a_user_error_naming_both_before_any_model_loads(launched, monkeypatch,
                                                                                         tmp_path):
     from ppomax import models as M
+    from ppomax.config import RewardConfig
     from ppomax.ppo.trainer import PPOTrainer
+    from ppomax.reward import train_reward_model
     from ppomax.sft import train_sft
 
     fake_gpus(monkeypatch, 1)
@@ -172,6 +174,8 @@ def test_more_processes_than_gpus_is_a_user_error_naming_both_before_any_model_l
                              num_mini_batches=2), reward_fn=n_chars, prompts=PROMPTS)
     with pytest.raises(UserError, match=msg):
         train_sft(SFTConfig(model_name_or_path="m", dataset="d.jsonl", output_dir=str(tmp_path)))
+    with pytest.raises(UserError, match=msg):
+        train_reward_model(RewardConfig(model_name_or_path="m", dataset="d.jsonl", output_dir=str(tmp_path)))
     assert launched == []  # neither set_device nor the process group was reached
 
 
