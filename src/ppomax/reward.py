@@ -82,7 +82,8 @@ def eval_rm(model, examples: list, collate, batch_size: int) -> dict[str, float]
 
 
 def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[str, Any]:
-    """Train a scalar-head reward model from ``model_name_or_path`` (usually the SFT model)."""
+    """Train a scalar-head reward model from ``model_name_or_path`` (usually the SFT model). A ``model``
+    passed in is trained in place on ``cfg.device`` (moved there with ``Module.to``)."""
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised

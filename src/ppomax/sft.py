@@ -108,7 +108,8 @@ def load_stage_data(cfg, kind: str, model=None, tokenizer=None) -> tuple[Any, li
 
 
 def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
-    """Run SFT; the fine-tuned model and tokenizer are saved in ``cfg.output_dir``."""
+    """Run SFT; the fine-tuned model and tokenizer are saved in ``cfg.output_dir``. A ``model`` passed
+    in is trained in place on ``cfg.device`` (moved there with ``Module.to``)."""
     from ppomax import data as D
     from ppomax import models as M
     from ppomax.loop import run_supervised
