@@ -225,17 +225,22 @@ def test_yaml_lists_for_report_to_and_lora_target_modules(tmp_path):
 def test_an_unknown_flag_prints_the_stage_usage_the_closest_flag_and_the_trl_names(capsys):
     from ppomax.cli import main
 
-    assert main(["ppo", "--total_episodes", "6400", "--dtype", "bfloat16"]) == 2
+    def exit_code(argv):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        return info.value.code
+
+    assert exit_code(["ppo", "--total_episodes", "6400", "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: ppomax ppo ") and "--rollout_batch_size" in err  # the stage's usage, not ppomax's
     assert "--total_episodes is --max_steps in ppomax: PPO iterations: max_steps = ceil(total_episodes" in err
     assert "TRL / OpenRLHF names that ppomax spells differently" in err
     assert "--gradient_accumulation_steps" in err and "--local_rollout_forward_batch_size" in err
     assert "--dtype" not in err.split("unrecognized arguments:")[1].splitlines()[0]  # --dtype is accepted
-    assert main(["ppo", "--learning_rat", "1e-5"]) == 2
+    assert exit_code(["ppo", "--learning_rat", "1e-5"]) == 2
     err = capsys.readouterr().err
     assert "--learning_rat: did you mean --learning_rate" in err and "TRL / OpenRLHF names" not in err
-    assert main(["sft", "--gradient_accumulation_steps", "2", "--zero_stage", "3"]) == 2  # valid in sft, alias not
+    assert exit_code(["sft", "--gradient_accumulation_steps", "2", "--zero_stage", "3"]) == 2  # valid in sft
     err = capsys.readouterr().err
     assert "unrecognized arguments: --zero_stage 3" in err and "--zero_stage is --sharding" in err
 

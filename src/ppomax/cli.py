@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "command", None):
         parser.print_help()
         return 2
-    if extras:
-        return unknown_flags_error(ns, extras)
+    if extras:  # exit 2, as argparse does for a bad flag
+        raise SystemExit(unknown_flags_error(ns, extras))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if ns.command in ("sft", "rm", "ppo"):
         _relaunch_cpu_processes(sys.argv[1:] if argv is None else argv)
