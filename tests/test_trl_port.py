@@ -253,3 +253,16 @@ def test_an_unknown_yaml_key_gets_the_same_hint(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)unknown PPOConfig key\(s\): kl_coeff, total_episodes.*"
                                           r"did you mean --kl_coef.*--total_episodes is --max_steps"):
         build_config(PPOConfig, ns)
+
+
+def test_ppomax_eval_reads_input_ids_rows(tiny, tmp_path):
+    from ppomax.config import EvalConfig
+    from ppomax.data import write_jsonl
+    from ppomax.evaluate import evaluate
+
+    tok = load_tokenizer(tiny)
+    write_jsonl(tmp_path / "p.jsonl", [{"input_ids": tok("the cat")["input_ids"]}, {"prompt": "a dog"}])
+    result = evaluate(EvalConfig(model_name_or_path=tiny, dataset=str(tmp_path / "p.jsonl"), num_prompts=2,
+                                 output_dir=str(tmp_path / "eval"), num_samples=2, response_length=3,
+                                 disable_tqdm=True))
+    assert [s["prompt"] for s in result["samples"]] == ["the cat", "a dog"]
