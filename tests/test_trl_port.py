@@ -33,7 +33,9 @@ def _no_model_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
 
-    monkeypatch.setattr(models, "_auto_load", refuse)
+    monkeypatch.setattr(models, "load_causal_lm", refuse)
+    for name in ("from_pretrained", "from_causal_lm"):
+        monkeypatch.setattr(models.ScalarHeadModel, name, refuse)
 
 
 # ---- 4. TRL's shapes --------------------------------------------------------------------------------------

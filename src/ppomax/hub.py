@@ -48,7 +48,8 @@ def snapshot(repo_id: str, what: str = "model", trust_remote_code: bool = False)
 
     patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
     try:
-        return snapshot_download(repo_id, allow_patterns=patterns)
+        # Mistral-style repos also ship consolidated.safetensors and original/ (the same weights again)
+        return snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["consolidated*", "original/*"])
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
             raise HubError(f"{repo_id}: no such {what} directory, and not in the Hugging Face cache "
