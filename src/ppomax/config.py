@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ppomax.fields import ConfigError, _allowed, check, coerce, field_base_type, opt, validate_fields
+from ppomax.hf_args import FIELD_ALIASES, HFArgs
 
 __all__ = ["ConfigError", "_allowed", "check", "coerce", "field_base_type", "opt", "validate_fields"]  # re-exported
 
@@ -44,8 +45,12 @@ def _check_device(cfg: Any) -> None:
 class RunArgs:
     """Fields every stage has: where to read and write, seed, logging, checkpoints, precision."""
 
-    model_name_or_path: str | None = opt(None, "Local model directory to start from (no hub downloads).")
-    dataset: str | None = opt(None, "Training data: a JSONL file or a directory saved by `datasets`.")
+    model_name_or_path: str | None = opt(
+        None, "Model to start from: a local directory or a Hub id (downloaded through huggingface_hub, safetensors "
+        "only; HF_HUB_OFFLINE=1 uses the local cache only).")
+    dataset: str | None = opt(
+        None, "Training data: a JSONL file, a directory saved by `datasets`, or a Hub dataset id 'org/name' "
+        "(optionally 'org/name:split'; default split train) loaded with datasets.load_dataset.")
     output_dir: str | None = opt(None, "Run directory: config, metrics.jsonl, TensorBoard events, checkpoints.")
     seed: int = opt(42, "Random seed for model init, data order and sampling.", ge=0)
     learning_rate: float = opt(1e-5, "Peak learning rate (AdamW).", gt=0)
@@ -59,7 +64,9 @@ class RunArgs:
     logging_steps: int = opt(10, "Log every N steps to metrics.jsonl / TensorBoard.", ge=1)
     save_steps: int = opt(500, "Checkpoint every N steps (and always at the end).", ge=1)
     save_total_limit: int = opt(2, "Keep at most this many step checkpoints (the newest).", ge=1)
-    report_to: str = opt("tensorboard", "Where metrics go besides metrics.jsonl.", choices=("none", "tensorboard", "wandb"))
+    report_to: str = opt(
+        "tensorboard", "Where metrics go besides metrics.jsonl: a comma-separated list (or a YAML list) of tensorboard, "
+        "wandb, trackio; 'all' (those installed) or 'none'. wandb / trackio read WANDB_PROJECT / TRACKIO_PROJECT.")
     device: str = opt(
         "auto", "Where the models train and sample: 'auto' (a CUDA GPU when there is one, else the CPU; with several "
         "processes, cuda:LOCAL_RANK), 'cpu', 'cuda' or 'cuda:N' (one process). Models passed in Python are moved "
@@ -90,6 +97,7 @@ class RunArgs:
 
     def _check_common(self) -> None:
         validate_fields(self)
+        self._check_hf()  # HFArgs: dtype, attention, push_to_hub, report_to
         check(not (self.bf16 and self.fp16), f"{type(self).__name__}: set at most one of bf16 and fp16")
         _check_device(self)
 
@@ -115,18 +123,24 @@ class LoraArgs:
     )
     lora_target_modules: str = opt(
         "q_proj,k_proj,v_proj,o_proj", "Comma-separated module-name suffixes that get adapters (Llama/Qwen/Mistral "
-        "attention; add gate_proj,up_proj,down_proj for the MLP; GPT-2: c_attn,c_proj).",
+        "attention; add gate_proj,up_proj,down_proj for the MLP; GPT-2: c_attn,c_proj), or 'all-linear' (peft: "
+        "every linear layer but the output head).",
     )
 
     def _check_lora(self) -> None:
         n = type(self).__name__
+        if isinstance(self.lora_target_modules, list | tuple):  # a YAML / Python list, as peft takes it
+            self.lora_target_modules = ",".join(self.lora_target_modules)
         targets = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
         check(bool(targets), f"{n}.lora_target_modules = {self.lora_target_modules!r} names no module")
+        check("all-linear" not in targets or targets == ["all-linear"],
+              f"{n}.lora_target_modules = {self.lora_target_modules!r}: 'all-linear' stands alone (peft's shorthand "
+              "for every linear layer but the output head)")
 
 
 
 @dataclass
-class SFTConfig(LoraArgs, RunArgs):
+class SFTConfig(LoraArgs, HFArgs, RunArgs):
     """Supervised fine-tuning: next-token loss on response tokens only (prompt masked)."""
 
     eval_dataset: str | None = opt(None, "Held-out data; if unset, eval_split of the training data is held out.")
@@ -146,7 +160,7 @@ class SFTConfig(LoraArgs, RunArgs):
 
 
 @dataclass
-class RewardConfig(LoraArgs, RunArgs):
+class RewardConfig(LoraArgs, HFArgs, RunArgs):
     """Reward model: pairwise Bradley-Terry loss + optional LM loss (paper Sec. 4, Eq. 2); with
     --use_peft, LoRA on the backbone (the head trains fully) and the merged model is saved."""
 
@@ -167,10 +181,12 @@ class RewardConfig(LoraArgs, RunArgs):
     def __post_init__(self) -> None:
         self._check_common()
         self._check_lora()
+        check(self.save_merged or not self.use_peft, "RewardConfig.save_merged = False: the reward model is always "
+              "saved merged (PPO loads a plain reward model); its LoRA adapter is kept in <output_dir>/adapter")
 
 
 @dataclass
-class PPOConfig(LoraArgs, RunArgs):
+class PPOConfig(LoraArgs, HFArgs, RunArgs):
     """PPO-max (paper Sec. 5.4). The defaults are the ``ppo_max`` preset; see PRESETS."""
 
     preset: str = opt(
@@ -465,11 +481,18 @@ class FetchModelConfig:
 
 @dataclass
 class ExportConfig:
-    """Merge a LoRA checkpoint's adapters into its base model and write a plain model directory."""
+    """Write a model other tools load: a LoRA checkpoint merged into its base (--to merged), or a ppomax reward
+    model as an AutoModelForSequenceClassification with one label (--to seq-cls, ppomax/seqcls.py)."""
 
-    checkpoint: str | None = opt(None, "LoRA adapter directory, e.g. <run>/checkpoint-N/policy.", required=True)
-    output_dir: str | None = opt(None, "Where to write the merged model (safetensors + tokenizer).", required=True)
+    checkpoint: str | None = opt(
+        None, "merged: a LoRA adapter directory, e.g. <run>/checkpoint-N/policy; seq-cls: a ppomax reward model "
+        "(the output_dir of `ppomax rm`).", required=True)
+    output_dir: str | None = opt(None, "Where to write the model (safetensors + tokenizer).", required=True)
     base_model: str | None = opt(None, "Base model directory (default: base_model_name_or_path in adapter_config.json).")
+    to: str = opt("merged", "What to write: 'merged' (LoRA merged into plain weights) or 'seq-cls' (a reward model "
+                  "for AutoModelForSequenceClassification, as TRL's RewardTrainer writes).", choices=("merged", "seq-cls"))
+    torch_dtype: str = opt("auto", "dtype of the written weights ('auto': the checkpoint's).",
+                           choices=("auto", "bfloat16", "float16", "float32"))
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -600,9 +623,13 @@ PPOConfig.__init__ = _apply_preset(PPOConfig.__init__)
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Build ``cls`` from a dict (YAML + flags): unknown keys are errors; presets applied first."""
     names = {f.name for f in dataclasses.fields(cls)}
+    values = {(FIELD_ALIASES[k] if k in FIELD_ALIASES and FIELD_ALIASES[k] in names else k): v
+              for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+        from ppomax.suggest import unknown_field_hints
+
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}{unknown_field_hints(unknown, cls)}")
     typed = {k: coerce(cls, k, v) for k, v in values.items()}
     if cls is PPOConfig:
         return PPOConfig.from_preset(typed.pop("preset", "ppo_max"), **typed)

@@ -7,7 +7,8 @@ an editor. Canonical rows (what ``load_rows`` returns):
 
 * ``"sft"``:        ``{"prompt": str | list[message], "response": str}``
 * ``"preference"``: ``{"prompt": str | list[message], "chosen": str, "rejected": str}``
-* ``"prompt"``:     ``{"prompt": str | list[message], **extra_fields}``
+* ``"prompt"``:     ``{"prompt": str | list[message], **extra_fields}``, or ``{"input_ids": list[int], ...}``
+  for pre-tokenized rows (TRL's PPO datasets; ids checked against the vocabulary)
 
 where a message is ``{"role": str, "content": str}``. A ``list[message]`` prompt is rendered
 with the tokenizer's chat template (plus the generation prompt); a ``str`` prompt is tokenized
@@ -201,9 +202,31 @@ def _canonical_preference(row: dict) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _canonical_prompt(row: Any) -> dict:
+def _token_ids(value: Any, field: str, vocab_size: int | None) -> list[int]:
+    """A pre-tokenized prompt (TRL's PPO datasets): a non-empty list of ids in [0, vocab_size)."""
+    if hasattr(value, "tolist"):  # a numpy array or tensor (datasets' numpy / torch formats)
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise _BadRow(f"field '{field}' must be a list of token ids, got {_type_name(value)}")
+    if not value:
+        raise _BadRow(f"field '{field}' is empty")
+    bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:
+        raise _BadRow(f"field '{field}' must hold integers, got {_type_name(bad)} {bad!r}")
+    out_of_range = next((v for v in value if v < 0 or (vocab_size is not None and v >= vocab_size)), None)
+    if out_of_range is not None:
+        raise _BadRow(f"field '{field}' holds token id {out_of_range}, outside the tokenizer's vocabulary "
+                      f"[0, {vocab_size if vocab_size is not None else '…'})")
+    return value
+
+
+def _canonical_prompt(row: Any, vocab_size: int | None = None) -> dict:
     if isinstance(row, str):  # bare strings are accepted from Python lists only (checked by caller)
         return {"prompt": _text(row, "prompt")}
+    if row.get("prompt") is None and row.get("messages") is None and row.get("input_ids") is not None:
+        # TRL's PPO format: already tokenized; the ids are used as they are (no special tokens added)
+        extra = {k: v for k, v in row.items() if k not in ("input_ids", "attention_mask")}
+        return {**extra, "input_ids": _token_ids(row["input_ids"], "input_ids", vocab_size)}
     extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
     if row.get("messages") is not None and row.get("prompt") is None:
         messages = _messages(row["messages"], "messages")
@@ -219,13 +242,14 @@ def _canonical_prompt(row: Any) -> dict:
 _CANONICAL = {"sft": _canonical_sft, "preference": _canonical_preference, "prompt": _canonical_prompt}
 
 
-def canonical_row(row: Any, kind: str, allow_str: bool = False) -> dict:
-    """Validate one row of ``kind`` and return its canonical form; raises _BadRow."""
+def canonical_row(row: Any, kind: str, allow_str: bool = False, vocab_size: int | None = None) -> dict:
+    """Validate one row of ``kind`` and return its canonical form; raises _BadRow. ``vocab_size`` bounds
+    the ids of pre-tokenized prompt rows."""
     if allow_str and kind == "prompt" and isinstance(row, str):
         return _canonical_prompt(row)
     if not isinstance(row, dict):
         raise _BadRow(f"expected an object, got {_type_name(row)}")
-    return _CANONICAL[kind](row)
+    return _canonical_prompt(row, vocab_size) if kind == "prompt" else _CANONICAL[kind](row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +264,10 @@ def _numbered_rows(source: Any) -> tuple[str, Iterator[tuple[int, Any]], Callabl
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
+        from ppomax import hub
+
+        if hub.looks_like_hub_id(path.partition(":")[0]):  # 'org/name[:split]': datasets.load_dataset
+            return path, enumerate(hub.load_dataset(path), start=1), lambda n: f"{path}: row {n}", False
         if os.path.isdir(path):
             return path, enumerate(_load_dataset_dir(path), start=1), lambda n: f"{path}: row {n}", False
         if not os.path.isfile(path):
@@ -279,7 +307,7 @@ def _load_dataset_dir(path: str) -> Any:
     return _pick_split(loaded, path) if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
-def load_rows(source: Any, kind: str, skip_bad_rows: bool = False) -> tuple[list[dict], int]:
+def load_rows(source: Any, kind: str, skip_bad_rows: bool = False, vocab_size: int | None = None) -> tuple[list[dict], int]:
     """Load and validate every row of ``source`` for a stage ``kind``.
 
     Args:
@@ -303,7 +331,7 @@ def load_rows(source: Any, kind: str, skip_bad_rows: bool = False) -> tuple[list
         try:
             if isinstance(row, _BadRow):
                 raise row
-            rows.append(canonical_row(row, kind, allow_str=allow_str))
+            rows.append(canonical_row(row, kind, allow_str=allow_str, vocab_size=vocab_size))
         except _BadRow as e:
             message = f"{locate(number)}: {e}"
             if not skip_bad_rows:
@@ -353,6 +381,11 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
 def encode_response(tokenizer: Any, response: str) -> list[int]:
     """Token ids of a response, terminated by EOS so the policy learns to stop."""
     return _as_id_list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+def row_prompt_ids(tokenizer: Any, row: dict) -> list[int]:
+    """Token ids of a canonical prompt row: its ``input_ids`` as given, or its prompt encoded."""
+    return list(row["input_ids"]) if "prompt" not in row else encode_prompt(tokenizer, row["prompt"])
 
 
 def prompt_text(tokenizer: Any, prompt: Prompt) -> str:

@@ -120,13 +120,14 @@ def evaluate(cfg) -> dict[str, Any]:
     else:
         prompts = None
     if prompts is None:
-        rows, n_bad = D.load_rows(cfg.dataset, "prompt", skip_bad_rows=cfg.skip_bad_rows)
-        prompts = [r["prompt"] for r in rows[: cfg.num_prompts]]
+        rows, n_bad = D.load_rows(cfg.dataset, "prompt", skip_bad_rows=cfg.skip_bad_rows, vocab_size=len(tokenizer))
+        prompts = rows[: cfg.num_prompts]  # canonical rows: text, messages or input_ids
     if cfg.judge == "gold" and gold_fn is None and cfg.baseline_model_path:
         from ppomax.config import ConfigError
 
         raise ConfigError("EvalConfig.judge = 'gold' needs --task with a gold judge; use --judge rm")
-    prompt_ids = [D.fit_prompt(D.encode_prompt(tokenizer, p), cfg.max_prompt_length, "left") for p in prompts]
+    prompt_ids = [D.fit_prompt(D.row_prompt_ids(tokenizer, p) if isinstance(p, dict) else D.encode_prompt(tokenizer, p),
+                               cfg.max_prompt_length, "left") for p in prompts]
 
     def load(path):
         return M.load_causal_lm(path, trust_remote_code=rc).to(device) if path else None

@@ -125,8 +125,8 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if tp is str:
-            return str(value)
+        if tp is str:  # a YAML list of strings (report_to, lora_target_modules) is a comma-separated value
+            return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{cls.__name__}.{name} = {value!r} is not a valid {tp.__name__}") from None
     return value

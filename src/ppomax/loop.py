@@ -15,6 +15,7 @@ adds them up (alone, a batch without totals is its own global batch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -132,8 +133,8 @@ def run_supervised(
         logger.info("resumed %s from %s at step %d", stage, resume_ckpt, step)
         if d.is_main:
             ckpt_lib.discard_after(out, step)  # later checkpoints belong to the crashed run's future
-    metrics = (MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None) if d.is_main
-               else RankMetrics())
+    metrics = (MetricsLogger(out, cfg.report_to, resume_step=step if resume_ckpt else None, run_name=cfg.run_name,
+                             config=dataclasses.asdict(cfg)) if d.is_main else RankMetrics())
 
     def save(at_step: int) -> None:
         saved_model, saved_opt = model, optimizer

@@ -1,7 +1,8 @@
 """Models: loading causal LMs and tokenizers, the scalar-head model, and a tiny model for tests.
 
-Everything loads with ``local_files_only=True``: ppomax never downloads. A path is a local
-directory, or a hub id already in the local Hugging Face cache.
+A path is a local directory or a Hub id; a Hub id is first downloaded into the Hugging Face cache
+(ppomax.hub: safetensors and configs only; HF_HUB_OFFLINE=1 reads the cache only), then everything
+loads from the local directory with ``local_files_only=True``.
 
 The scalar-head model is used twice in PPO-max (arXiv 2307.04964): as the reward model (the
 score at the last token is the reward) and as the critic (one value per token, initialised
@@ -66,30 +67,25 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _resolve(path: str | os.PathLike, required_file: str | None, what: str) -> str:
-    """A local directory for ``path``: the directory itself, or its snapshot in the HF cache.
+def _resolve(path: str | os.PathLike, required_file: str | None, what: str, trust_remote_code: bool = False) -> str:
+    """A local directory for ``path``: the directory itself, or a Hub id's snapshot in the HF cache
+    (downloaded through huggingface_hub when online; ppomax.hub).
 
     Raises FileNotFoundError naming the path when neither exists, and ValueError when the
     directory lacks ``required_file``.
     """
+    from ppomax import hub
+
     path = os.fspath(path)
+    if hub.looks_like_hub_id(path):
+        path = hub.snapshot(path, what, trust_remote_code)
     if os.path.isdir(path):
         if required_file and not os.path.isfile(os.path.join(path, required_file)):
             raise ModelFormatError(f"{path}: not a {what} directory (no {required_file})")
         return path
     if os.path.exists(path):
         raise ModelFormatError(f"{path}: expected a {what} directory, found a file")
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if looks_like_hub_id:
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(path, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any failure means "not cached"
-            pass
-    raise ModelNotFoundError(
-        f"{path}: no such {what} directory (nor a hub id in the local cache; ppomax never downloads)"
-    )
+    raise ModelNotFoundError(f"{path}: no such {what} directory (nor a Hub id 'org/name')")
 
 
 def _dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:
@@ -119,22 +115,24 @@ def skeleton_loading(enabled: bool = True):
         _SKELETON.reset(token)
 
 
-def _auto_load(auto_cls: Any, path: str | os.PathLike, dtype: Any, trust_remote_code: bool) -> Any:
-    """``auto_cls.from_pretrained`` on a local directory, errors naming the path."""
+def _auto_load(auto_cls: Any, path: str | os.PathLike, dtype: Any, trust_remote_code: bool,
+               attn_implementation: str | None = None, **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained`` on a local directory (or a Hub id's snapshot), errors naming the path."""
     quiet_transformers()
-    local = _resolve(path, "config.json", "model")
+    local = _resolve(path, "config.json", "model", trust_remote_code)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if _SKELETON.get():
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(local, local_files_only=True, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(local, local_files_only=True, trust_remote_code=trust_remote_code, **kwargs)
         with torch.device("meta"):
-            return auto_cls.from_config(config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+            return auto_cls.from_config(config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **attn)
     try:
         # use_safetensors: a directory holding only pickle weights (pytorch_model.bin) is refused,
         # never unpickled (docs/reliability.md); trust_remote_code stays False unless asked for.
         return auto_cls.from_pretrained(
             local, dtype=_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=True, **attn, **kwargs,
         )
     except OSError as e:  # e.g. config.json present but no (safetensors) weights
         pickled = sorted(f for f in os.listdir(local) if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
@@ -151,7 +149,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
     """
     from transformers import AutoTokenizer
 
-    local = _resolve(path, None, "tokenizer")
+    local = _resolve(path, None, "tokenizer", trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             local, local_files_only=True, trust_remote_code=trust_remote_code
@@ -167,14 +165,15 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> 
 
 
 def load_causal_lm(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> Any:
-    """AutoModelForCausalLM from a local directory (float32 unless ``dtype`` says otherwise)."""
+    """AutoModelForCausalLM from a local directory or Hub id (float32 unless ``dtype`` says otherwise)."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter_dir(path):  # a LoRA checkpoint (e.g. checkpoint-N/policy with --use_peft)
         return load_merged_lora(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return _auto_load(AutoModelForCausalLM, path, dtype, trust_remote_code)
+    return _auto_load(AutoModelForCausalLM, path, dtype, trust_remote_code, attn_implementation)
 
 
 def save_causal_lm(model: Any, tokenizer: Any | None, output_dir: str | os.PathLike) -> None:
@@ -312,7 +311,8 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_causal_lm(
-        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ) -> ScalarHeadModel:
         """Backbone from a causal LM directory (``AutoModel`` drops the LM head), fresh head.
 
@@ -320,30 +320,39 @@ class ScalarHeadModel(nn.Module):
         """
         from transformers import AutoModel
 
-        return cls(_auto_load(AutoModel, path, dtype, trust_remote_code))
+        return cls(_auto_load(AutoModel, path, dtype, trust_remote_code, attn_implementation))
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+        cls, path: str | os.PathLike, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
     ) -> ScalarHeadModel:
-        """Load a directory written by ``save_pretrained`` (backbone + head + marker)."""
+        """Load a directory written by ``save_pretrained`` (backbone + head + marker), or an
+        ``AutoModelForSequenceClassification`` directory with one label (TRL / OpenRLHF reward models;
+        ppomax.seqcls): its score head becomes the value head."""
         from safetensors.torch import load_file
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForSequenceClassification
 
-        local = _resolve(path, "config.json", "scalar-head model")
+        from ppomax import seqcls
+
+        local = _resolve(path, "config.json", "scalar-head model", trust_remote_code)
         marker = os.path.join(local, HEAD_MARKER)
         head_file = os.path.join(local, HEAD_WEIGHTS)
+        if not os.path.isfile(marker) and seqcls.is_seq_cls_dir(local):
+            return seqcls.to_scalar_head(_auto_load(AutoModelForSequenceClassification, local, dtype,
+                                                    trust_remote_code, attn_implementation))
         if not os.path.isfile(marker) or not os.path.isfile(head_file):
             missing = HEAD_MARKER if not os.path.isfile(marker) else HEAD_WEIGHTS
             raise ModelFormatError(
-                f"{os.fspath(path)}: not a ppomax scalar-head model (no {missing}); to start a reward "
-                "model or critic from a causal LM use ScalarHeadModel.from_causal_lm"
+                f"{os.fspath(path)}: neither a ppomax scalar-head model (no {missing}) nor an "
+                "AutoModelForSequenceClassification checkpoint (config.json architectures *ForSequenceClassification); "
+                "a causal LM has no trained head: train one with `ppomax rm`"
             )
         with open(marker, encoding="utf-8") as f:
             info = json.load(f)
         if info.get("format") != HEAD_FORMAT:
             raise ModelFormatError(f"{marker}: unknown format {info.get('format')!r}")
-        backbone = _auto_load(AutoModel, local, dtype, trust_remote_code)
+        backbone = _auto_load(AutoModel, local, dtype, trust_remote_code, attn_implementation)
         state = load_file(head_file)
         v_head = nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
         v_head.load_state_dict({k: v.float() for k, v in state.items()})
@@ -483,7 +492,9 @@ def apply_lora(
     peft = _peft()
     if isinstance(target_modules, str):
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    # peft takes its shorthand "all-linear" (every linear layer but the output head) as a string, not a list
+    targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     if isinstance(model, ScalarHeadModel):
         if not is_peft_model(model.backbone):
             model.backbone = peft.get_peft_model(model.backbone, peft.LoraConfig(**kwargs))
@@ -572,7 +583,8 @@ def load_merged_lora(
 
 
 def merge_lora(
-    checkpoint_policy_dir: str | os.PathLike, base_dir: str | os.PathLike | None, out_dir: str | os.PathLike
+    checkpoint_policy_dir: str | os.PathLike, base_dir: str | os.PathLike | None, out_dir: str | os.PathLike,
+    dtype: str | None = None,
 ) -> str:
     """Export a LoRA policy (e.g. ``run/checkpoint-N/policy``) as a plain model directory.
 
@@ -584,7 +596,7 @@ def merge_lora(
     if not is_adapter_dir(checkpoint_policy_dir):
         raise ModelFormatError(f"{checkpoint_policy_dir}: not a LoRA adapter directory (no {ADAPTER_CONFIG}); "
                                "a full model needs no merge")
-    merged = load_merged_lora(checkpoint_policy_dir, base_dir)
+    merged = load_merged_lora(checkpoint_policy_dir, base_dir, dtype=dtype)
     tok_src = checkpoint_policy_dir
     if not os.path.isfile(os.path.join(tok_src, "tokenizer_config.json")):
         tok_src = _adapter_base(checkpoint_policy_dir, base_dir)

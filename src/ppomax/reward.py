@@ -86,6 +86,8 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
     passed in is trained in place on ``cfg.device`` (moved there with ``Module.to``)."""
     from ppomax import data as D
     from ppomax import models as M
+    from ppomax import publish
+    from ppomax.hf_args import load_dtype
     from ppomax.loop import run_supervised
     from ppomax.sft import load_stage_data, setup_processes
     from ppomax.training import seed_run
@@ -94,15 +96,16 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
     tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "preference", model, tokenizer)
     seed_run(cfg.seed, cfg.full_determinism)
     lm_head = None
+    load = (load_dtype(cfg, True, cfg.use_peft), cfg.trust_remote_code, cfg.attn_implementation)
     if model is None:
         if cfg.rm_lm_coef > 0:
             # The LM term needs the SFT model's LM head on the RM's backbone (shared weights).
-            causal = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+            causal = M.load_causal_lm(cfg.model_name_or_path, *load)
             model = M.ScalarHeadModel.from_causal_lm_model(causal)
             lm_head = causal.get_output_embeddings()
             model.lm_head_for_training = lm_head  # registered as a submodule so it trains too
         else:
-            model = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+            model = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, *load)
     elif cfg.rm_lm_coef > 0:
         lm_head = getattr(model, "lm_head_for_training", None)
         check(lm_head is not None, "rm_lm_coef > 0 with a given model needs model.lm_head_for_training")
@@ -118,7 +121,10 @@ def train_reward_model(cfg: RewardConfig, model=None, tokenizer=None) -> dict[st
             # keep the adapters, and write the merged model: PPO loads a plain scalar-head RM / critic init
             m.backbone.save_pretrained(out / "adapter")
             m.backbone = m.backbone.merge_and_unload()
-        m.save_pretrained(out, tokenizer=tokenizer)
+        m, state = publish.unwrap_gathered(m)  # a sharded model's weights, gathered on rank 0
+        publish.save_final(m, out, tokenizer, publish.save_dtype(cfg.torch_dtype,
+                           cfg.model_name_or_path), state=state)  # in --torch_dtype; the head stays fp32
+        publish.push(cfg, out, "rm")
 
     rows_logged = run_supervised(
         cfg, "rm", model, tokenizer, train_ex, collate, make_rm_loss(cfg.rm_lm_coef, lm_head),

@@ -90,6 +90,10 @@ def load_stage_data(cfg, kind: str, model=None, tokenizer=None) -> tuple[Any, li
           f"{name}.model_name_or_path is required (flag --model_name_or_path)")
     if tokenizer is None:
         tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.push_to_hub:  # a missing login fails now, not after training (as transformers' Trainer)
+        from ppomax.hub import create_repo
+
+        create_repo(cfg.hub_model_id, cfg.hub_private_repo)
     rows, n_bad = D.load_rows(cfg.dataset, kind, skip_bad_rows=cfg.skip_bad_rows)
     if cfg.eval_dataset:
         eval_rows, n_bad_eval = D.load_rows(cfg.eval_dataset, kind, skip_bad_rows=cfg.skip_bad_rows)
@@ -112,13 +116,16 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     in is trained in place on ``cfg.device`` (moved there with ``Module.to``)."""
     from ppomax import data as D
     from ppomax import models as M
+    from ppomax import publish
+    from ppomax.hf_args import load_dtype
     from ppomax.loop import run_supervised
     from ppomax.training import seed_run
 
     setup_processes(cfg)
     tokenizer, train_ex, eval_ex, stats = load_stage_data(cfg, "sft", model, tokenizer)
     if model is None:
-        model = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        model = M.load_causal_lm(cfg.model_name_or_path, load_dtype(cfg, True, cfg.use_peft), cfg.trust_remote_code,
+                                 cfg.attn_implementation)
     if cfg.use_peft:
         model = M.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     seed_run(cfg.seed, cfg.full_determinism)
@@ -127,17 +134,20 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     def collate(ex):
         return D.collate_sft(ex, pad)
 
-    def save_model(m, out: Path) -> None:
-        if M.is_peft_model(m):  # LoRA: keep the adapters, and write merged weights for the next stage
+    def save_model(m, out: Path) -> None:  # the final model, in --torch_dtype (ppomax/publish.py)
+        if M.is_peft_model(m) and cfg.save_merged:  # LoRA: keep the adapters, and write merged weights
             m.save_pretrained(out / "adapter")
             m = m.merge_and_unload()
-        M.save_causal_lm(m, tokenizer, out)
+        m, state = publish.unwrap_gathered(m)  # a sharded model's weights, gathered on rank 0
+        publish.save_final(m, out, tokenizer, publish.save_dtype(cfg.torch_dtype,
+                           cfg.model_name_or_path), merged=cfg.save_merged, state=state)
+        publish.push(cfg, out, "sft")
 
     rows_logged = run_supervised(
         cfg, "sft", model, tokenizer, train_ex, collate, lm_loss,
         lambda m: eval_lm(m, eval_ex, collate, cfg.per_device_eval_batch_size), save_model,
     )
     final = {k: v for k, v in (rows_logged[-1] if rows_logged else {}).items() if k.startswith("eval/")}
-    if M.is_peft_model(model):
+    if M.is_peft_model(model) and cfg.save_merged:
         model = model.get_base_model()  # the adapters were merged into it by save_model
     return {"model": model, "metrics": rows_logged, "final": final, "data_stats": stats}

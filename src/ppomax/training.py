@@ -240,6 +240,7 @@ def grad_norm(parameters) -> float:
 _RUN_FIELDS_IGNORED = {
     "output_dir", "resume_from", "overwrite_output_dir", "disable_tqdm", "max_steps", "save_steps",
     "logging_steps", "report_to", "save_total_limit", "device", "full_determinism",
+    "run_name", "push_to_hub", "hub_model_id", "hub_private_repo",  # where results go, not what is trained
 }
 
 
@@ -332,13 +333,17 @@ class RankMetrics:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard / wandb).
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (+ TensorBoard / wandb / trackio).
 
-    On resume, rows past the resumed step are dropped first, so no step is counted twice.
+    On resume, rows past the resumed step are dropped first, so no step is counted twice. ``report_to`` is a
+    comma-separated list (hf_args.report_integrations: checked, and a missing package refused, when the
+    config is built); wandb and trackio get ``run_name`` (default: the output dir's name) and ``config``.
     """
 
     def __init__(self, out_dir: str | Path, report_to: str = "none", resume_step: int | None = None,
                  run_name: str | None = None, config: dict | None = None) -> None:
+        from ppomax.hf_args import report_integrations
+
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
@@ -346,21 +351,24 @@ class MetricsLogger:
         elif self.path.exists():
             self.path.unlink()
         self.rows: list[dict[str, Any]] = []
-        self._tb = None
-        self._wandb = None
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._tb = self._wandb = self._trackio = None
+        integrations = report_integrations(report_to, "report_to")
+        name = run_name or Path(out_dir).resolve().name
+        if "tensorboard" in integrations:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but stay usable without it
-                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
-        elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--report_to wandb needs `pip install wandb`") from None
-            self._wandb = wandb.init(name=run_name, config=config, dir=str(out_dir))
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+        if "wandb" in integrations:  # the project from WANDB_PROJECT, as transformers' WandbCallback
+            import wandb
+
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ppomax"), name=name, config=config,
+                                     dir=str(out_dir), resume="allow" if resume_step is not None else None)
+        if "trackio" in integrations:  # trackio.init / log / finish mirror wandb's (transformers' TrackioCallback)
+            import trackio
+
+            trackio.init(project=os.environ.get("TRACKIO_PROJECT", "ppomax"), name=name, config=config,
+                         resume="allow" if resume_step is not None else "never")
+            self._trackio = trackio
 
     def _truncate_after(self, step: int) -> None:
         truncate_jsonl(self.path, step)
@@ -376,14 +384,19 @@ class MetricsLogger:
             for k, v in row.items():
                 if isinstance(v, int | float) and k != "step" and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            self._wandb.log(numbers, step=step)
+        if self._trackio is not None:
+            self._trackio.log(numbers, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._trackio is not None:
+            self._trackio.finish()
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0,

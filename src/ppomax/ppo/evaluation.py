@@ -82,7 +82,8 @@ def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
             parts = (p_ids, p_mask, resp, mask)
             logp = tr._in_chunks(lambda *x: tr._logprobs(tr.policy, x, cfg.temperature), parts) * mask
             ref = tr._in_chunks(lambda *x: tr._ref_logprobs(x), parts) * mask
-            sums["rm_reward"] += tr._score(*parts).sum().item()
+            rows = tr.eval_prompt_rows[s : s + cfg.generation_batch_size] if tr.eval_prompt_rows else None
+            sums["rm_reward"] += tr._score(*parts, rows, gen.truncated).sum().item()
             sums["kl"] += (logp - ref).sum().item()
             sums["nll"] -= logp.sum().item()
             sums["length"] += mask.sum().item()

@@ -49,34 +49,45 @@ class IndexSampler:
         self._perm = self._make_perm()
 
 
-def load_prompt_ids(cfg: PPOConfig, tokenizer, prompts: Sequence[str] | Sequence[dict] | None) -> list[list[int]]:
-    """Token ids of every usable prompt (``prompts=`` or ``cfg.dataset``), fitted to max_prompt_length."""
+def load_prompts(cfg: PPOConfig, tokenizer, prompts, reward_fn=None) -> tuple[list[list[int]], list[dict]]:
+    """(token ids, canonical rows) of every usable prompt (``prompts=`` or ``cfg.dataset``), ids fitted to
+    max_prompt_length; rows of text, chat messages or TRL's pre-tokenized ``input_ids`` (checked against the
+    vocabulary). ``reward_fn`` (a RewardFunction) learns which row columns it can be passed."""
     from ppomax import data as D
 
     source = prompts if prompts is not None else cfg.dataset
     if source is None:
         raise ConfigError("PPOConfig.dataset is required (flag --dataset), or pass prompts=")
-    rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows)
-    prompt_ids, n_trunc, n_drop = [], 0, 0
+    rows, n_bad = D.load_rows(source, "prompt", skip_bad_rows=cfg.skip_bad_rows, vocab_size=len(tokenizer))
+    prompt_ids, kept, n_trunc, n_drop = [], [], 0, 0
     for row in rows:
-        ids = D.encode_prompt(tokenizer, row["prompt"])
+        ids = D.row_prompt_ids(tokenizer, row)
         fitted = D.fit_prompt(ids, cfg.max_prompt_length, cfg.truncation_mode)
         if fitted is None:
             n_drop += 1
             continue
         n_trunc += len(fitted) < len(ids)
         prompt_ids.append(fitted)
+        kept.append(row)
     if not prompt_ids:
         raise UserError("no prompts left after length filtering (max_prompt_length / truncation_mode)")
     logger.info("prompts: %d used, %d bad rows skipped, %d left-truncated, %d dropped as too long",
                 len(prompt_ids), n_bad, n_trunc, n_drop)
-    return prompt_ids
+    if reward_fn is not None:
+        reward_fn.bind_rows(kept)
+    return prompt_ids, kept
 
 
-def load_eval_prompt_ids(cfg: PPOConfig, tokenizer, eval_prompts, has_gold: bool) -> list[list[int]] | None:
-    """Held-out prompt ids for --eval_steps (None when off); errors name the missing piece before any model loads."""
+def load_prompt_ids(cfg: PPOConfig, tokenizer, prompts) -> list[list[int]]:
+    """Token ids of every usable prompt (:func:`load_prompts` without the rows)."""
+    return load_prompts(cfg, tokenizer, prompts)[0]
+
+
+def load_eval_prompts(cfg: PPOConfig, tokenizer, eval_prompts, has_gold: bool) -> tuple[list | None, list | None]:
+    """Held-out (prompt ids, rows) for --eval_steps ((None, None) when off); errors name the missing piece
+    before any model loads."""
     if cfg.eval_steps is None:
-        return None
+        return None, None
     source = eval_prompts if eval_prompts is not None else cfg.eval_dataset
     if source is None:
         raise ConfigError("PPOConfig.eval_steps needs held-out prompts: --eval_dataset FILE (or eval_prompts= in Python)")
@@ -85,7 +96,12 @@ def load_eval_prompt_ids(cfg: PPOConfig, tokenizer, eval_prompts, has_gold: bool
     if cfg.metric_for_best_model and metric_key(cfg.metric_for_best_model) == "gold" \
             and not has_gold:
         raise ConfigError("PPOConfig.metric_for_best_model = 'gold' needs a gold judge: pass gold_fn= in Python")
-    return load_prompt_ids(cfg, tokenizer, source)
+    return load_prompts(cfg, tokenizer, source)
+
+
+def load_eval_prompt_ids(cfg: PPOConfig, tokenizer, eval_prompts, has_gold: bool) -> list[list[int]] | None:
+    """Held-out prompt ids for --eval_steps (None when off): :func:`load_eval_prompts` without the rows."""
+    return load_eval_prompts(cfg, tokenizer, eval_prompts, has_gold)[0]
 
 
 def load_ptx_examples(cfg: PPOConfig, tokenizer, ptx_rows: Sequence[dict] | None) -> list | None:
@@ -128,18 +144,22 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
     model is loaded (share_frozen_weights), so the host holds at most one model's duplicate at a time.
     """
     from ppomax import models as M
+    from ppomax.hf_args import load_dtype
+    from ppomax.seqcls import to_scalar_head
 
-    rc = cfg.trust_remote_code
+    rc, attn = cfg.trust_remote_code, cfg.attn_implementation  # dtypes per role: ppomax/hf_args.py
     with M.skeleton_loading(skeleton_trained):
         if policy is None:
-            policy = M.load_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
+            policy = M.load_causal_lm(cfg.model_name_or_path, load_dtype(cfg, True, cfg.use_peft), rc, attn)
     if cfg.use_peft:
         policy = M.apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     with M.skeleton_loading(skeleton_frozen):
         if ref_policy is None and not (cfg.use_peft and cfg.ref_model_path is None):
-            ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, trust_remote_code=rc)
+            ref_policy = M.load_causal_lm(cfg.ref_model_path or cfg.model_name_or_path, cfg.torch_dtype, rc, attn)
         if reward_model is None and with_reward_model:
-            reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+            reward_model = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, cfg.torch_dtype, rc, attn)
+    if reward_model is not None:  # an AutoModelForSequenceClassification passed in Python (TRL's reward_model=)
+        reward_model = to_scalar_head(reward_model)
     for frozen in (ref_policy, reward_model):  # frozen from the start: their copies of the base can go now
         if frozen is not None:
             frozen.requires_grad_(False)
@@ -164,19 +184,42 @@ def load_models(cfg: PPOConfig, policy=None, ref_policy=None, reward_model=None,
 
 def _load_critic(cfg: PPOConfig, critic):
     from ppomax import models as M
+    from ppomax.hf_args import load_dtype
+    from ppomax.seqcls import to_scalar_head
 
-    rc = cfg.trust_remote_code
+    load = (load_dtype(cfg, True, cfg.critic_use_peft), cfg.trust_remote_code, cfg.attn_implementation)
     if critic is None:
         if cfg.critic_model_path:
-            critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, trust_remote_code=rc)
+            critic = M.ScalarHeadModel.from_pretrained(cfg.critic_model_path, *load)
         elif cfg.critic_init == "reward_model":  # Sec. 5.3.3: the critic starts as the reward model
-            if cfg.reward_model_path is None:
-                raise ConfigError("critic_init='reward_model' needs --reward_model_path or --critic_model_path; "
-                                  "with a reward_fn use critic_init='sft'")
-            critic = M.ScalarHeadModel.from_pretrained(cfg.reward_model_path, trust_remote_code=rc)
+            critic = M.ScalarHeadModel.from_pretrained(check_critic_source(cfg), *load)
         else:
-            critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, trust_remote_code=rc)
-    return critic
+            critic = M.ScalarHeadModel.from_causal_lm(cfg.model_name_or_path, *load)
+    return to_scalar_head(critic)  # TRL's value_model= (a seq-cls model) works as it is
+
+
+def preflight(cfg: PPOConfig, critic=None, is_main: bool = True) -> None:
+    """Checks that need no model, run before any loads: where the critic starts (below), and with
+    --push_to_hub the Hub repo is created now (as transformers' Trainer does), so a missing login fails
+    before the compute rather than after it."""
+    check_critic_source(cfg, critic)
+    if cfg.push_to_hub and is_main:
+        from ppomax.hub import create_repo
+
+        create_repo(cfg.hub_model_id, cfg.hub_private_repo)
+
+
+def check_critic_source(cfg: PPOConfig, critic=None) -> str | None:
+    """Where critic_init='reward_model' starts the critic (Sec. 5.3.3); a clear error, before any model
+    loads, when there is no reward model directory to start it from (a reward_fn run): ppomax does not
+    silently switch to a fresh head."""
+    if critic is None and cfg.uses_critic and cfg.critic_model_path is None and cfg.critic_init == "reward_model" \
+            and cfg.reward_model_path is None:
+        raise ConfigError("critic_init='reward_model' (the PPO-max default, Sec. 5.3.3) starts the critic from the "
+                          "reward model, but no --reward_model_path is given (a reward_fn or a reward_model object "
+                          "scores instead): set critic_init='sft' (the SFT backbone with a fresh value head, trained "
+                          "during --critic_pretrain_steps), --critic_model_path DIR, or pass critic=")
+    return cfg.reward_model_path
 
 
 def optimizers(cfg: PPOConfig, policy, critic) -> tuple:

@@ -10,6 +10,7 @@ kept here so that ``trainer.py`` reads as the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -176,4 +177,28 @@ def open_run(tr):
         samples.unlink(missing_ok=True)
     if not main:
         return RankMetrics()
-    return MetricsLogger(tr.out, cfg.report_to, resume_step=tr.iteration if resume_ckpt else None)
+    return MetricsLogger(tr.out, cfg.report_to, resume_step=tr.iteration if resume_ckpt else None,
+                         run_name=cfg.run_name, config=dataclasses.asdict(cfg))
+
+
+def save_final(tr) -> None:
+    """At the end of training: the policy as a plain HF model in output_dir, in --torch_dtype, with the
+    tokenizer (LoRA merged, or the adapter with --save_merged false; ppomax/publish.py); then
+    --push_to_hub. Every rank takes part in gathering a sharded policy; rank 0 writes."""
+    from ppomax import publish
+    from ppomax.models import is_peft_model
+
+    cfg = tr.cfg
+    gathered = sharding.GatheredModel(tr.policy) if tr.sharding != "none" else None
+    if tr.dist.is_main:
+        dtype = publish.save_dtype(cfg.torch_dtype, cfg.model_name_or_path)
+        if gathered is not None and is_peft_model(tr.policy):  # merging needs whole LoRA layers: save the adapter
+            logger.warning("sharded LoRA run: the final model is the peft adapter; merge it with `ppomax export "
+                           "--checkpoint %s --output_dir DIR`", tr.out)
+            gathered.save_pretrained(tr.out)
+            tr.tokenizer.save_pretrained(tr.out)
+        else:
+            publish.save_final(tr.policy, tr.out, tr.tokenizer, dtype, merged=cfg.save_merged,
+                               state=gathered.state if gathered is not None else None)
+        publish.push(cfg, tr.out, "ppo")
+    dist_lib.barrier(tr.dist)

@@ -34,6 +34,7 @@ from ppomax.errors import UserError
 from ppomax.ppo import advantages, evaluation, setup
 from ppomax.ppo import state as run_state
 from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, write_samples
+from ppomax.ppo.reward_fn import RewardFunction
 from ppomax.ppo.rollout import (
     Experience,
     cat_padded,
@@ -65,13 +66,15 @@ class PPOTrainer:
 
     Args:
         config: a :class:`PPOConfig` (e.g. ``PPOConfig.from_preset("ppo_max", ...)``).
-        policy / ref_policy / reward_model / critic: models, or None to load from the paths in
-            ``config`` (policy and reference from ``model_name_or_path`` / ``ref_model_path``). Models
-            passed in are moved in place (``Module.to``) to the trainer's device, ``self.device``
-            (``config.device``; 'auto': cuda:LOCAL_RANK with CUDA, else CPU), wherever they were.
+        policy / ref_policy / reward_model / critic: models, or None to load from the paths in ``config``. The
+            policies are causal LMs; reward_model / critic a ScalarHeadModel or, as TRL took them, an
+            AutoModelForSequenceClassification with num_labels=1 (ppomax/seqcls.py). Models passed in are
+            moved in place (``Module.to``) to the trainer's device, ``self.device`` (``config.device``;
+            'auto': cuda:LOCAL_RANK with CUDA, else CPU), wherever they were.
         tokenizer: shared by all four models; loaded from ``model_name_or_path`` if None.
         prompts: list of strings (or prompt rows); None reads ``config.dataset``.
-        reward_fn: ``reward_fn(prompts, responses) -> list[float]`` used instead of a reward model.
+        reward_fn: ``reward_fn(prompts, responses, **optional) -> list[float]`` instead of a reward model; keyword
+            parameters it declares (prompt_ids, prompt_messages, row columns, ...): ppo/reward_fn.py.
         gold_fn: optional ``gold_fn(prompts, responses, truncated) -> list[float]``, logged as
             ``gold/mean`` (a task's judge; never used for training).
     """
@@ -93,7 +96,7 @@ class PPOTrainer:
         from ppomax import models as M
 
         self.cfg = cfg = config
-        self.reward_fn, self.gold_fn = reward_fn, gold_fn
+        self.reward_fn, self.gold_fn = (RewardFunction(reward_fn) if reward_fn else None), gold_fn  # ppo/reward_fn.py
         if cfg.output_dir is None:
             raise ConfigError("PPOConfig.output_dir is required (flag --output_dir)")
         if reward_model is None and reward_fn is None and cfg.reward_model_path is None:
@@ -108,13 +111,14 @@ class PPOTrainer:
         self.sharding = sharding.resolve_mode(cfg.sharding, W)
         self.device = self.dist.device  # the one device of this process: models, rollouts, collectives
         seed_run(cfg.seed, cfg.full_determinism)  # the same on every rank: fresh heads and LoRA matrices start identical
+        setup.preflight(cfg, critic, self.dist.is_main)  # where the critic starts, the Hub repo: before any model
 
         # ---- data first: bad rows fail before any model is loaded -----------------------------
         if tokenizer is None:
             tokenizer = M.load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.tokenizer = tokenizer
-        self.prompt_ids = setup.load_prompt_ids(cfg, tokenizer, prompts)
-        self.eval_prompt_ids = setup.load_eval_prompt_ids(cfg, tokenizer, eval_prompts, gold_fn is not None)
+        self.prompt_ids, self.prompt_rows = setup.load_prompts(cfg, tokenizer, prompts, self.reward_fn)
+        self.eval_prompt_ids, self.eval_prompt_rows = setup.load_eval_prompts(cfg, tokenizer, eval_prompts, gold_fn is not None)
         self.best = (evaluation.BestTracker(cfg.metric_for_best_model, evaluation.greater_is_better(
             cfg.metric_for_best_model, cfg.greater_is_better)) if cfg.metric_for_best_model else None)
         self.ptx_examples = setup.load_ptx_examples(cfg, tokenizer, ptx_rows)
@@ -203,6 +207,7 @@ class PPOTrainer:
                     evaluation.save_best(self, row[self.best.key])
             if cfg.load_best_model_at_end:
                 evaluation.load_best(self)
+            run_state.save_final(self)  # the policy as a plain HF model in output_dir (+ --push_to_hub)
         finally:
             bar.close()
             self.metrics.close()
@@ -294,7 +299,8 @@ class PPOTrainer:
             resp, mask, truncated = gen.response_ids, gen.mask, gen.truncated
             timings["time/generate"] += time.perf_counter() - t
             t = time.perf_counter()
-            scores = self._score(p_ids, p_mask, resp, mask)
+            rows = [self.prompt_rows[i] for i in idx[s : s + len(p_ids)]]  # what a reward_fn may be passed
+            scores = self._score(p_ids, p_mask, resp, mask, rows, truncated)
             timings["time/score"] += time.perf_counter() - t
             t = time.perf_counter()
             parts = (p_ids, p_mask, resp, mask)
@@ -331,20 +337,13 @@ class PPOTrainer:
         with self.policy.disable_adapter():
             return self._logprobs(self.policy, parts, self.cfg.temperature)
 
-    def _score(self, p_ids, p_mask, resp, mask) -> torch.Tensor:
+    def _score(self, p_ids, p_mask, resp, mask, rows=None, truncated=None) -> torch.Tensor:
+        """r(x, y) (B,): the reward model at the last response token, or the reward_fn (ppo/reward_fn.py)."""
         if self.reward_fn is None:
             with autocast(self.device, self.cfg.bf16, self.cfg.fp16):
                 return self._in_chunks(lambda *x: self._rm_scores(self.reward_model, *x),
                                        (p_ids, p_mask, resp, mask)).float()
-        prompts, responses = self._decode(p_ids, p_mask, resp, mask)
-        out = self.reward_fn(prompts, responses)
-        try:
-            values = [float(v) for v in out]
-        except (TypeError, ValueError):
-            raise UserError(f"reward_fn must return a list of numbers, got {type(out).__name__}: {str(out)[:80]}") from None
-        if len(values) != len(prompts):
-            raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
-        return torch.tensor(values, dtype=torch.float32, device=resp.device)
+        return self.reward_fn(self.tokenizer, p_ids, p_mask, resp, mask, rows, truncated)
 
     def _decode(self, p_ids, p_mask, resp, mask) -> tuple[list[str], list[str]]:
         tok = self.tokenizer
