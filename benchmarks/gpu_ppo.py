@@ -22,11 +22,14 @@ Runs, each in its own process (GPU memory = that process's ``torch.cuda.max_memo
 - ``decode``: the policy alone at B=64, P=64, N=256: ms per decode step of the eager loop, of the
   CUDA-graph decoder (``--rollout_cuda_graph``) and of the graph with bf16 rollout weights
   (``--rollout_bf16_weights``); the graph's tokens against the same steps run without a graph;
-- ``ppomax`` (``fast``: ``--bf16 --rollout_cuda_graph --rollout_bf16_weights``, frozen models in bf16;
-  ``eager``: ``--bf16`` only, the set-up of GPU.md's first measurement), ``trl``: one warm-up
-  iteration (graph capture, lazy initialisation) then ``--iters`` measured ones, alternating
-  fast, TRL, eager, fast, TRL, ... (``--repeats``). Phases come from each library's own timers,
-  with a CUDA synchronize at the end of each phase.
+- ``ppomax`` (``fast``: ``--bf16 --rollout_cuda_graph --rollout_bf16_weights`` with the frozen models in bf16
+  (``--frozen_bf16 auto``); ``eager``: ``--bf16 --frozen_bf16 off``, the set-up of GPU.md's first
+  measurement), ``trl``: one warm-up
+  iteration (graph capture, lazy initialisation) then ``--iters`` (2) measured ones. Order: on
+  llama-0.8b fast, TRL, eager, fast, TRL (``--repeats`` 2), then smollm2-135m fast, TRL, eager,
+  then llama-3b fast (ppomax only, with gradient checkpointing: two trained fp32 3 B models with
+  AdamW are ~93 GB before anything else). Phases come from each library's own timers, with a CUDA
+  synchronize at the end of each phase.
 
 MFU: FLOPs the iteration needs (ppo_throughput.model_flops, grouped-query k/v width) over seconds
 over the measured bf16 roof. Runs that would overrun ``--budget-s`` are skipped and say so; the
@@ -55,8 +58,11 @@ CONFIGS = {
 }
 SHAPE = dict(batch=64, prompt=64, response=256)
 SMOKE = {"tiny": dict(layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, vocab=512, batch=4, prompt=8, response=8)}
-FAST = {"rollout_cuda_graph": True, "rollout_bf16_weights": True}  # frozen_bf16 'auto': bf16 on a GPU
-# (config, runs in order) with repeats applied to the first config only; later entries go if time allows
+FAST = {"rollout_cuda_graph": True, "rollout_bf16_weights": True, "frozen_bf16": "auto"}  # 'auto': bf16 on a GPU
+EAGER = {"frozen_bf16": "off"}  # GPU.md's first measurement: fp32 weights everywhere, bf16 autocast
+# (config, runs in order). The first config gets --repeats - 1 more (fast, TRL) rounds after these; later
+# entries run while the time budget allows (the 3 B one is ppomax only: TRL's two trained fp32 3 B models
+# with Adam alone need ~93 GB before its reference, reward model and activations)
 PLAN = [("llama-0.8b", ("fast", "trl", "eager")), ("smollm2-135m", ("fast", "trl", "eager")), ("llama-3b", ("fast",))]
 GUESS_S = {"fast": 60, "eager": 70, "trl": 120, "decode": 60, "build": 30}  # before a kind has run once
 
@@ -305,11 +311,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny model, 1 iteration: checks the script, measures nothing")
     ap.add_argument("--json", default=None, help="write the results here (rewritten after every run)")
-    ap.add_argument("--iters", type=int, default=None, help="measured iterations per run (default 3; smoke 1)")
-    ap.add_argument("--repeats", type=int, default=None, help="alternating rounds on the first config (default 2; smoke 1)")
+    ap.add_argument("--iters", type=int, default=None, help="measured iterations per run (default 2; smoke 1)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="(fast, TRL) rounds on the first config, the first with eager ppomax too (default 2; smoke 1)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip runs that would end after this many seconds")
     ap.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--skip-trl", action="store_true", help="only ppomax")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a PPOConfig field for both ppomax runs, e.g. per_device_train_batch_size=32 (repeatable)")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
@@ -318,17 +327,24 @@ def main() -> None:
         return
     import importlib.util
 
-    iters = args.iters or (1 if args.smoke else 3)
+    iters = args.iters or (1 if args.smoke else 2)
     repeats = args.repeats or (1 if args.smoke else 2)
     plan = [("tiny", ("fast", "trl", "eager"))] if args.smoke else PLAN
     if args.configs:
         plan = [(n, k) for n, k in plan if n in args.configs.split(",")]
     trl_ok = importlib.util.find_spec("trl") is not None and not args.skip_trl
+    user_set = {}
+    for item in args.set:
+        k, _, v = item.partition("=")
+        try:
+            user_set[k] = json.loads(v)
+        except json.JSONDecodeError:
+            user_set[k] = v
     t0 = time.time()
     results: dict = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": PT.machine_info(),
                      "settings": {"iters": iters, "repeats": repeats, "budget_s": args.budget_s, "fast": FAST,
                                   "shape": SHAPE if not args.smoke else "smoke", "temperature": PT.TEMPERATURE,
-                                  "num_mini_batches": PT.NUM_MINI_BATCHES, "bf16_autocast": True},
+                                  "num_mini_batches": PT.NUM_MINI_BATCHES, "bf16_autocast": True, "set": user_set},
                      "configs": {}, "skipped": []}
     if not trl_ok:
         note = "TRL's side skipped: trl is not installed (pip install trl==1.12.0)" if not args.skip_trl else "--skip-trl"
@@ -384,9 +400,11 @@ def main() -> None:
                 entry["decode"] = run("decode", name, dict(base, iters=2))
                 save()
             extra = {"gradient_checkpointing": True} if name == "llama-3b" else {}  # to fit 2 trained 3 B models
+            extra.update(user_set)
             specs = {"fast": ("ppomax", dict(base, ppomax_options={**FAST, **extra})),
-                     "eager": ("ppomax", dict(base, ppomax_options=extra)), "trl": ("trl", base)}
-            order = [k for _ in range(repeats if name == first else 1) for k in kinds if k != "trl" or trl_ok]
+                     "eager": ("ppomax", dict(base, ppomax_options={**EAGER, **extra})), "trl": ("trl", base)}
+            order = [*kinds, *(("fast", "trl") * (repeats - 1) if name == first else ())]
+            order = [k for k in order if k != "trl" or trl_ok]
             for label in order:
                 kind, spec = specs[label]
                 r = run(kind, name, spec, label)
@@ -403,7 +421,8 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(Path(tmp) / name, ignore_errors=True)  # a 3 B pair of checkpoints is 24 GB of disk
-    results["roof"]["end"] = run_child("roof", {})
+    if not args.smoke:
+        results["roof"]["end"] = run_child("roof", {})
     save()
     print_table(results)
     if args.json:

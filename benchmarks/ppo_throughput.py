@@ -228,6 +228,9 @@ def child_ppomax(spec: dict) -> dict:
         "torch": torch.__version__,
         **_gpu_memory(),
         "options": options,
+        # --rollout_cuda_graph: captures / replays / eager fallbacks, and why it fell back (if it did)
+        "decoder": (None if getattr(trainer.engine, "decoder", None) is None else
+                    {**trainer.engine.decoder.counts, "fallback": sorted(trainer.engine.decoder.told)}),
         "rows": [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows],
     }
 

@@ -31,8 +31,9 @@ def test_gpu_benchmark_smoke_runs_and_reports(tmp_path):
         assert row["generate_tokens_per_s"] > 0 and 0 < row["iteration_mfu"] < 1
         assert set(row["phase_s"]) >= {"generate", "score", "forward", "train"}
     assert tiny["summary"]["fast_vs_eager"] > 0
-    assert tiny["runs"]["fast"][0]["options"] == {"rollout_cuda_graph": True, "rollout_bf16_weights": True}
-    assert tiny["runs"]["eager"][0]["options"] == {}
+    assert tiny["runs"]["fast"][0]["options"] == {"rollout_cuda_graph": True, "rollout_bf16_weights": True,
+                                                  "frozen_bf16": "auto"}
+    assert tiny["runs"]["eager"][0]["options"] == {"frozen_bf16": "off"}
     dec = tiny["decode"]
     assert dec["graph_vs_static"]["tokens_equal"] is True  # CPU: the eager loop vs the static steps, same seed
     assert dec["fallback"] == ["CUDA graphs need a CUDA device, the prompts are on cpu"]  # said once, with its reason
