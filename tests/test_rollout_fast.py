@@ -111,3 +111,15 @@ def test_no_stop_at_eos_gives_fixed_length(model):
     torch.manual_seed(4)
     resp, rmask, trunc = R.generate(model, ids, mask, 15, 5, 0, temperature=1.5, stop_at_eos=False)
     assert resp.shape == (6, 15) and bool((rmask == 1).all()) and bool(trunc.all())
+
+
+def test_is_eos_is_torch_isin_without_its_host_syncs():
+    """sampling.is_eos (a broadcast compare a CUDA graph can capture) gives torch.isin's answer."""
+    from ppomax.ppo.sampling import is_eos
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 9), generator=g)
+    for eos in ([3], [3, 17, 49], list(range(0, 50, 2))):
+        e = torch.tensor(eos)
+        assert torch.equal(is_eos(tokens, e), torch.isin(tokens, e))
+        assert torch.equal(is_eos(tokens[:, 0], e), torch.isin(tokens[:, 0], e))
