@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ppomax.ppo.rollout as R
+import ppomax.ppo.sampling as S
 from ppomax.models import build_tiny_model, load_causal_lm
 
 
@@ -50,7 +51,7 @@ def test_sample_categorical_matches_the_distribution():
     probs[2, 5] = 1.0
     torch.manual_seed(0)
     n = 40_000
-    draws = R.sample_categorical(probs.repeat(n, 1)).view(n, 3)
+    draws = S.sample_categorical(probs.repeat(n, 1)).view(n, 3)
     for row in range(3):
         freq = torch.bincount(draws[:, row], minlength=20).double() / n
         assert freq[probs[row] == 0].sum() == 0, "a token of probability 0 was drawn"
@@ -63,7 +64,7 @@ def test_sample_from_logits_respects_top_k():
     logits = torch.randn(16, 100)
     top = torch.topk(logits, 3, dim=-1).indices
     for _ in range(20):
-        tok = R.sample_from_logits(logits, 0.7, top_k=3)
+        tok = S.sample_from_logits(logits, 0.7, top_k=3)
         assert (top == tok[:, None]).any(-1).all()
 
 

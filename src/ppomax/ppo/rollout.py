@@ -18,8 +18,6 @@ from ppomax import compat
 from ppomax import functional as F
 from ppomax.models import position_ids_from_mask
 from ppomax.ppo.sampling import DecodeBuffers, finish, sample_step
-from ppomax.ppo.sampling import sample_categorical as sample_categorical  # noqa: F401  (re-exported)
-from ppomax.ppo.sampling import sample_from_logits as sample_from_logits  # noqa: F401  (re-exported)
 
 
 @dataclass
