@@ -72,7 +72,7 @@ def cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling (the per-step sampling itself: ppomax.ppo.sampling)
+# KV caches (the per-step sampling and its bookkeeping: ppomax.ppo.sampling)
 # ---------------------------------------------------------------------------------------------
 
 
