@@ -67,7 +67,6 @@ def build_models(cfg: dict, root: Path, seed: int = 0) -> dict:
     """Write the policy (= reference) and the scalar-head RM (= critic init) checkpoints, and prompts."""
     import torch
 
-    from ppomax import data as D
     from ppomax.models import ScalarHeadModel, build_tiny_model, load_tokenizer
 
     policy_dir = build_tiny_model(root / "policy", num_layers=cfg["layers"], hidden_size=cfg["hidden"],
@@ -79,7 +78,16 @@ def build_models(cfg: dict, root: Path, seed: int = 0) -> dict:
         rm = ScalarHeadModel.from_causal_lm(policy_dir)
     rm_dir = root / "rm"
     rm.save_pretrained(rm_dir, tokenizer=tok)
-    # Prompt texts that tokenize to at least `prompt` tokens; both libraries get the last `prompt`.
+    write_prompts(tok, cfg, root, seed)
+    return {"policy": str(policy_dir), "rm": str(rm_dir), "prompts": str(root / "prompts.json")}
+
+
+def write_prompts(tok, cfg: dict, root: Path, seed: int = 0) -> None:
+    """Prompt texts that tokenize to at least `prompt` tokens; both libraries get the last `prompt`."""
+    import torch
+
+    from ppomax import data as D
+
     g = torch.Generator().manual_seed(seed + 2)
     n_prompts = max(256, 2 * cfg["batch"])
     texts, ids = [], []
@@ -94,7 +102,6 @@ def build_models(cfg: dict, root: Path, seed: int = 0) -> dict:
         texts.append(text)
         ids.append(enc[-cfg["prompt"]:])
     (root / "prompts.json").write_text(json.dumps({"texts": texts, "ids": ids}))
-    return {"policy": str(policy_dir), "rm": str(rm_dir), "prompts": str(root / "prompts.json")}
 
 
 def model_flops(cfg: dict) -> dict:
@@ -117,7 +124,9 @@ def model_flops(cfg: dict) -> dict:
     # (forward + backward = 2x a forward; the r = 8 adapters' own FLOPs are negligible)
     policy_train = 2 if cfg.get("lora") else 3
     iteration = gen + full_fwd_lm + 2 * full_fwd_scalar + policy_train * full_fwd_lm + 3 * full_fwd_scalar
-    return {"generate": gen, "iteration": iteration, "params_body": body, "params_head": head}
+    train = policy_train * full_fwd_lm + 3 * full_fwd_scalar
+    return {"generate": gen, "iteration": iteration, "train": train, "forwards": full_fwd_lm + 2 * full_fwd_scalar,
+            "params_body": body, "params_head": head}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +190,13 @@ def child_ppomax(spec: dict) -> dict:
             torch_compile=spec.get("compile", False), rollout_engine=spec.get("engine", "hf"),
             **({"vllm_kv_cache_memory_gib": 1.0, "vllm_enforce_eager": True} if spec.get("engine") == "vllm" else {}),
             **ppomax_options(c),  # LoRA (--config smollm2; _smollm2_bench.py)
+            **spec.get("ppomax_options", {}),  # gpu_ppo.py: --rollout_cuda_graph, ...
         )
+        options = {k: getattr(cfg, k) for k in spec.get("ppomax_options", {})}  # as the trainer saw them
         trainer = PPOTrainer(cfg, prompts=prompts)
+        if torch.cuda.is_available():  # phase times: each phase's kernels end inside its timer
+            for obj, name in ((trainer.engine, "generate"), (trainer, "_score"), (trainer, "_in_chunks")):
+                setattr(obj, name, _synced(getattr(obj, name)))
         stamps: list[float] = []
         step = trainer.step
 
@@ -212,7 +226,34 @@ def child_ppomax(spec: dict) -> dict:
         "reward_raw_std": [r.get("reward/raw_std") for r in rows],
         "peak_rss_mb": _peak_rss_mb(),
         "torch": torch.__version__,
+        **_gpu_memory(),
+        "options": options,
+        # --rollout_cuda_graph: captures / replays / eager fallbacks, and why it fell back (if it did)
+        "decoder": (None if getattr(trainer.engine, "decoder", None) is None else
+                    {**trainer.engine.decoder.counts, "fallback": sorted(trainer.engine.decoder.told)}),
+        "rows": [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows],
     }
+
+
+def _synced(fn):
+    """``fn`` followed by a CUDA synchronize (kernels are asynchronous: a phase timer must wait for them)."""
+    import torch
+
+    def call(*a, **k):
+        out = fn(*a, **k)
+        torch.cuda.synchronize()
+        return out
+    return call
+
+
+def _gpu_memory() -> dict:
+    """This process's peak GPU memory (GiB): what the caching allocator reserved, and what tensors held."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 def child_trl(spec: dict) -> dict:
@@ -262,10 +303,14 @@ def child_trl(spec: dict) -> dict:
 
     events: list[tuple[str, float, float]] = []  # (phase, end time, seconds) of TRL's rollout calls
 
+    on_gpu = torch.cuda.is_available()
+
     def timed(fn, phase):
         def wrapper(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
+            if on_gpu:
+                torch.cuda.synchronize()
             if not torch.is_grad_enabled():  # the rollout runs under no_grad, the training forward does not
                 events.append((phase, time.perf_counter(), time.perf_counter() - t))
             return out
@@ -285,9 +330,9 @@ def child_trl(spec: dict) -> dict:
             output_dir=out, seed=spec["seed"], per_device_train_batch_size=c["batch"], gradient_accumulation_steps=1,
             num_mini_batches=NUM_MINI_BATCHES, num_ppo_epochs=1, total_episodes=n_iter * c["batch"],
             local_rollout_forward_batch_size=c["batch"], response_length=c["response"], stop_token=None,
-            temperature=TEMPERATURE, num_sample_generations=0, report_to="none", bf16=False, fp16=False,
+            temperature=TEMPERATURE, num_sample_generations=0, report_to="none", bf16=spec["bf16"] and on_gpu, fp16=False,
             gradient_checkpointing=spec.get("trl_gradient_checkpointing", False), learning_rate=1e-5, logging_steps=1, save_strategy="no",
-            eval_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+            eval_strategy="no", disable_tqdm=True, use_cpu=not on_gpu, dataloader_num_workers=0,
         )
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward_model,
                              value_model=value_model, train_dataset=dataset, callbacks=[Stamp()], peft_config=peft_config)
@@ -301,6 +346,7 @@ def child_trl(spec: dict) -> dict:
                    "time/train_and_rest": statistics.median(b - a - g - f for (a, b), g, f in zip(its, gen, fwd))},
         "peak_rss_mb": _peak_rss_mb(),
         "trl": trl.__version__,
+        **_gpu_memory(),
     }
 
 

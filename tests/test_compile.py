@@ -1,8 +1,11 @@
 """PPOConfig.torch_compile (torch.compile, issue #5): the compiled paths compute what the eager ones do.
 
-The static-KV-cache decode that the compiled generation uses is checked eagerly (fast); the
-compiled PPO iterations themselves take tens of seconds to compile, so that test is slow-marked
-(run with ``-m slow``).
+The static-KV-cache decode that the compiled generation uses is checked eagerly (fast). Every
+function ppomax compiles (the decode step and the policy / reference / critic / reward-model
+forwards) is traced here with ``fullgraph=True`` on dynamo's cheap backends, so a graph break or a
+trace-time crash (torch 2.11: ``AsPythonConstantNotImplementedError`` on a module passed to
+``assume_constant_result``) fails CI in seconds. The compiled PPO iterations themselves (inductor)
+take tens of seconds to compile, so that test is slow-marked (run with ``-m slow``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch._dynamo.utils import counters
 
 import ppomax.ppo.rollout as R
 from ppomax.config import PPOConfig
-from ppomax.models import build_tiny_model, load_causal_lm, load_tokenizer
+from ppomax.models import ScalarHeadModel, build_tiny_model, load_causal_lm, load_tokenizer
 from ppomax.ppo.trainer import PPOTrainer
 
 # Prompts of different token lengths: batches differ in prompt width, so the compiled forwards
@@ -35,6 +38,97 @@ def _prompt_batch(tok, texts):
     return collate_prompts([encode_prompt(tok, t) for t in texts], tok.pad_token_id)
 
 
+@pytest.fixture
+def fullgraph(monkeypatch):
+    """Everything ppomax compiles is traced in one graph (a break raises) by the given cheap backend:
+    'eager' runs dynamo's graph as is, 'aot_eager' also traces the backward through AOTAutograd."""
+
+    def use(backend: str) -> None:
+        monkeypatch.setattr(R, "COMPILE_OPTIONS", {"fullgraph": True, "backend": backend})
+        torch._dynamo.reset()
+
+    yield use
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_compiled_decode_step_traces_in_one_graph(tiny, fullgraph, stop_at_eos):
+    """generate(compile=True) traces its decode step whole: the cache keyword and logits_to_keep are
+    decided outside the trace. Same tokens as the eager loop, log-probs to fp32 rounding."""
+    fullgraph("eager")
+    model = load_causal_lm(tiny).eval()
+    tok = load_tokenizer(tiny)
+    batch = _prompt_batch(tok, PROMPTS[:4])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    outs = {}
+    for compiled in (False, True):
+        torch.manual_seed(5)
+        outs[compiled] = R.generate(model, ids, mask, 8, 3, tok.pad_token_id, temperature=1.5, stop_at_eos=stop_at_eos,
+                                    return_logprobs=True, compile=compiled)
+    assert counters["stats"]["unique_graphs"] >= 1  # the step was compiled, not run eagerly
+    for a, b in zip(outs[False][:3], outs[True][:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(outs[True][3], outs[False][3], rtol=0, atol=2e-6)
+
+
+def _models_and_parts(tiny, lora: bool):
+    from ppomax.models import apply_lora
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(tiny)
+    if lora:
+        policy = apply_lora(policy)
+        with torch.no_grad():  # non-zero adapters: the adapter-off pass must differ from the policy's
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    critic = ScalarHeadModel.from_causal_lm(tiny)
+    tok = load_tokenizer(tiny)
+    batch = _prompt_batch(tok, PROMPTS[:3])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    torch.manual_seed(1)
+    resp, rmask, _ = R.generate(policy.eval(), ids, mask, 5, None, tok.pad_token_id, stop_at_eos=False)
+    return policy, critic, (ids, mask, resp, rmask)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_compiled_rollout_forwards_trace_in_one_graph(tiny, fullgraph, lora):
+    """The rollout forwards the trainer compiles (maybe_compile), under no_grad as in make_experience:
+    log π of the policy (and under LoRA π_ref, the policy with its adapters disabled), V of the
+    critic, r of the reward model. Each traces in one graph and gives the eager values (to 1e-6)."""
+    fullgraph("eager")
+    policy, critic, parts = _models_and_parts(tiny, lora)
+    policy.eval()
+    forwards = [(R.response_logprobs, policy, (parts, 0.7))]
+    if not lora:  # the scalar-head forwards do not change with the policy's adapters
+        forwards += [(R.response_values, critic, parts), (R.reward_model_scores, critic, parts)]
+    with torch.no_grad():
+        for fn, model, args in forwards:
+            eager_out, comp_out = fn(model, *args), R.maybe_compile(fn, True)(model, *args)
+            torch.testing.assert_close(comp_out, eager_out, rtol=0, atol=1e-6)
+        if lora:
+            logp = R.maybe_compile(R.response_logprobs, True)(policy, parts, 0.7)
+            with policy.disable_adapter():
+                ref = R.maybe_compile(R.response_logprobs, True)(policy, parts, 0.7)
+                torch.testing.assert_close(ref, R.response_logprobs(policy, parts, 0.7), rtol=0, atol=1e-6)
+            assert not torch.allclose(ref, logp, atol=1e-3)  # the adapters were off
+
+
+def test_compiled_training_forwards_trace_in_one_graph_with_their_backward(tiny, fullgraph):
+    """The training forwards (policy log π, critic V) trace in one graph through AOTAutograd, which
+    also traces their backward; the gradients equal the eager ones to fp32 rounding."""
+    fullgraph("aot_eager")
+    policy, critic, parts = _models_and_parts(tiny, lora=False)
+    for fn, model, args in ((R.response_logprobs, policy.train(), (parts, 0.7)), (R.response_values, critic.train(), parts)):
+        grads = []
+        for f in (fn, R.maybe_compile(fn, True)):
+            model.zero_grad(set_to_none=True)
+            (f(model, *args) * torch.linspace(-1, 1, parts[2].shape[1])).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for g_eager, g_comp in zip(*grads):
+            torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-6)
+
+
 def test_maybe_compile_off_is_identity():
     assert R.maybe_compile(R.response_logprobs, False) is R.response_logprobs
 
@@ -48,7 +142,7 @@ def test_static_cache_decode_matches_dynamic(tiny, monkeypatch, stop_at_eos):
     tok = load_tokenizer(tiny)
     batch = _prompt_batch(tok, PROMPTS[:4])  # left-padded: prompt lengths differ
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    caches = [R._static_kv_cache(model, n) for n in (8, 9)]
+    caches = [R.static_kv_cache(model, n) for n in (8, 9)]
     assert caches[0] is not None  # this transformers / Llama take the static path
     # one layer class for every cache: the compiled step guards on it (a new class per call recompiled)
     assert type(caches[0].layers[0]) is type(caches[1].layers[-1])
@@ -56,7 +150,7 @@ def test_static_cache_decode_matches_dynamic(tiny, monkeypatch, stop_at_eos):
     outs = {}
     for compiled in (False, True):
         # the static path with the eager step function (no compilation in this fast test)
-        monkeypatch.setattr(R, "_get_compiled_decode_step", lambda: R._decode_step)
+        monkeypatch.setattr(R, "compiled_decode_step", lambda: R.decode_step)
         torch.manual_seed(3)
         outs[compiled] = R.generate(model, ids, mask, 12, eos, tok.pad_token_id, temperature=1.5,
                                     stop_at_eos=stop_at_eos, return_logprobs=True, compile=compiled)
@@ -71,7 +165,7 @@ def test_static_cache_decode_under_bf16_autocast(tiny, monkeypatch):
     model = load_causal_lm(tiny).eval()
     tok = load_tokenizer(tiny)
     batch = _prompt_batch(tok, PROMPTS[:3])
-    monkeypatch.setattr(R, "_get_compiled_decode_step", lambda: R._decode_step)
+    monkeypatch.setattr(R, "compiled_decode_step", lambda: R.decode_step)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         resp, mask, _, logp = R.generate(model, batch["input_ids"], batch["attention_mask"], 5, None, tok.pad_token_id,
                                          stop_at_eos=False, return_logprobs=True, compile=True)

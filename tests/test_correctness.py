@@ -15,6 +15,7 @@ from ppomax import functional as F
 from ppomax.config import ConfigError, PPOConfig, config_from_dict
 from ppomax.models import build_tiny_model, eos_token_ids, load_causal_lm, load_tokenizer
 from ppomax.ppo import rollout as R
+from ppomax.ppo import sampling as S
 from ppomax.ppo.trainer import PPOTrainer
 
 PROMPTS = ["Say some words:", "Tell me a story.", "The weather", "Once upon a time"]
@@ -135,7 +136,7 @@ def test_top_k_one_in_eval_is_greedy(tiny):
 def test_no_stop_at_eos_marks_only_responses_without_eos_truncated(tiny, monkeypatch):
     policy, tok = load_causal_lm(tiny), load_tokenizer(tiny)
     eos = tok.eos_token_id
-    monkeypatch.setattr(R, "sample_from_logits", scripted_sampler([[7, eos, 9, 9], [7, 8, 9, 9]]))
+    monkeypatch.setattr(S, "sample_from_logits", scripted_sampler([[7, eos, 9, 9], [7, 8, 9, 9]]))
     p = torch.tensor([[5, 6], [5, 6]])
     resp, mask, truncated = R.generate(policy, p, torch.ones_like(p), 4, eos, tok.pad_token_id, stop_at_eos=False)
     assert resp.tolist() == [[7, eos, 9, 9], [7, 8, 9, 9]]
@@ -173,7 +174,7 @@ def test_eos_token_ids_collects_tokenizer_and_generation_config(two_eos):
 def test_generate_stops_at_any_eos_id(two_eos, monkeypatch):
     path, eos, second = two_eos
     policy = load_causal_lm(path)
-    monkeypatch.setattr(R, "sample_from_logits", scripted_sampler([[7, second, 9, 9], [7, 8, eos, 9], [7, 8, 9, 9]]))
+    monkeypatch.setattr(S, "sample_from_logits", scripted_sampler([[7, second, 9, 9], [7, 8, eos, 9], [7, 8, 9, 9]]))
     p = torch.tensor([[5, 6]] * 3)
     resp, mask, truncated = R.generate(policy, p, torch.ones_like(p), 4, [eos, second], 0)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
@@ -266,7 +267,7 @@ def test_truncated_mean_is_logged_and_ppo_max_penalises_a_missing_eos(tiny, tmp_
     tok = load_tokenizer(tiny)
     eos = tok.eos_token_id
     # rows 0 and 2 end with EOS, rows 1 and 3 hit the cap of 3 tokens
-    monkeypatch.setattr(R, "sample_from_logits", scripted_sampler([[7, eos, 9], [7, 8, 9], [eos, 9, 9], [7, 8, 9]]))
+    monkeypatch.setattr(S, "sample_from_logits", scripted_sampler([[7, eos, 9], [7, 8, 9], [eos, 9, 9], [7, 8, 9]]))
     tr = trainer(tiny, tmp_path, response_length=3, rollout_logprobs="forward")
     tr.sampler.take = lambda k: list(range(k))
     row = tr.step()

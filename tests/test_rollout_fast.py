@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ppomax.ppo.rollout as R
+import ppomax.ppo.sampling as S
 from ppomax.models import build_tiny_model, load_causal_lm
 
 
@@ -50,7 +51,7 @@ def test_sample_categorical_matches_the_distribution():
     probs[2, 5] = 1.0
     torch.manual_seed(0)
     n = 40_000
-    draws = R.sample_categorical(probs.repeat(n, 1)).view(n, 3)
+    draws = S.sample_categorical(probs.repeat(n, 1)).view(n, 3)
     for row in range(3):
         freq = torch.bincount(draws[:, row], minlength=20).double() / n
         assert freq[probs[row] == 0].sum() == 0, "a token of probability 0 was drawn"
@@ -63,7 +64,7 @@ def test_sample_from_logits_respects_top_k():
     logits = torch.randn(16, 100)
     top = torch.topk(logits, 3, dim=-1).indices
     for _ in range(20):
-        tok = R.sample_from_logits(logits, 0.7, top_k=3)
+        tok = S.sample_from_logits(logits, 0.7, top_k=3)
         assert (top == tok[:, None]).any(-1).all()
 
 
@@ -111,3 +112,15 @@ def test_no_stop_at_eos_gives_fixed_length(model):
     torch.manual_seed(4)
     resp, rmask, trunc = R.generate(model, ids, mask, 15, 5, 0, temperature=1.5, stop_at_eos=False)
     assert resp.shape == (6, 15) and bool((rmask == 1).all()) and bool(trunc.all())
+
+
+def test_is_eos_is_torch_isin_without_its_host_syncs():
+    """sampling.is_eos (a broadcast compare a CUDA graph can capture) gives torch.isin's answer."""
+    from ppomax.ppo.sampling import is_eos
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 9), generator=g)
+    for eos in ([3], [3, 17, 49], list(range(0, 50, 2))):
+        e = torch.tensor(eos)
+        assert torch.equal(is_eos(tokens, e), torch.isin(tokens, e))
+        assert torch.equal(is_eos(tokens[:, 0], e), torch.isin(tokens[:, 0], e))

@@ -18,8 +18,6 @@ import inspect
 import warnings
 from typing import Any
 
-import torch
-
 
 def _base(model: Any) -> Any:
     # peft's PeftModel.forward takes **kwargs and passes them on: the base model's forward
@@ -48,14 +46,20 @@ def _library_says_cache() -> bool:
     return "cache" in _field_names(CausalLMOutputWithPast)
 
 
-@torch.compiler.assume_constant_result  # the compiled decode step (rollout._decode_step) reads it at trace time
 def takes_cache_kwarg(model: Any) -> bool:
     """True when the model's forward takes the KV cache as ``cache``, False for ``past_key_values``.
 
     A forward that names neither (``**kwargs``: remote code, a wrapper) gets the installed
-    transformers' name, which its inner modules will be called with.
+    transformers' name, which its inner modules will be called with. Reads the forward's signature:
+    call it outside any torch.compile'd function and pass the answer in (``cache_kwargs``); dynamo
+    cannot treat a module argument as a constant (torch 2.11: ``AsPythonConstantNotImplementedError``).
     """
-    params = _forward_params(type(_base(model)))
+    return _takes_cache_kwarg(type(_base(model)))
+
+
+@functools.cache
+def _takes_cache_kwarg(cls: type) -> bool:
+    params = _forward_params(cls)
     if "cache" in params:
         return True
     if "past_key_values" in params:
@@ -64,7 +68,9 @@ def takes_cache_kwarg(model: Any) -> bool:
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The keyword argument that passes ``cache`` (a transformers ``Cache`` or None) to ``model``."""
+    """The keyword argument that passes ``cache`` (a transformers ``Cache`` or None) to ``model``.
+
+    Build it outside a compiled function and pass the dict in (``ppomax.ppo.rollout.decode_step``)."""
     return {"cache": cache} if takes_cache_kwarg(model) else {"past_key_values": cache}
 
 

@@ -259,6 +259,19 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
         "(and their backward). Faster iterations once compiled, but the first iteration compiles for tens of seconds "
         "and the first change of prompt/response length recompiles once (with dynamic shapes): for long runs.",
     )
+    rollout_cuda_graph: bool = opt(
+        False, "hf engine, GPU: run each decode step as a captured CUDA graph over a static KV cache, sampling "
+        "included (the same sampling and log π_old). Where it cannot (CPU, a model without a static cache, FSDP2, a "
+        "failed capture) it logs the reason once and uses the eager loop.")
+    rollout_bf16_weights: bool = opt(
+        False, "hf engine, with --bf16: sample from a copy of the policy with its linear weights in bf16, refreshed "
+        "after every update (as vLLM holds one): no per-step casts of frozen or graph-captured weights; the same "
+        "numbers as autocast; costs the bf16 copy's memory. Not with sharding.")
+    frozen_bf16: str = opt(
+        "auto", "Hold the frozen models (π_ref, reward model) in bf16: 'auto' = under --bf16 on a GPU, 'on' = under "
+        "--bf16 on any device, 'off' = as loaded. Halves their memory and time; scores move within bf16 rounding. "
+        "π_ref under LoRA (the adapter-off policy) is not a separate model and stays as it is.",
+        choices=("auto", "on", "off"))
     missing_eos_penalty: float | None = opt(
         1.0, "Subtract this from the raw score of responses that hit the cap without EOS, before normalisation. The "
         "reward model only saw responses ending in EOS; a truncated one is scored at a token it was never trained "
@@ -388,6 +401,12 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
                   f"{n}.{name} = {getattr(self, name)!r} is not supported in PPO: the ratio and the KL penalty are "
                   f"computed under the full temperature-scaled softmax, so truncated sampling would bias both. "
                   f"Leave {name} at {off!r} and lower --temperature instead (top_k / top_p are allowed in ppomax eval)")
+        for name in ("rollout_cuda_graph", "rollout_bf16_weights"):
+            check(not getattr(self, name) or self.rollout_engine == "hf", f"{n}.{name} is for --rollout_engine hf "
+                  f"(vLLM captures its own CUDA graphs unless --vllm_enforce_eager)")
+        check(not self.rollout_bf16_weights or (self.bf16 and self.sharding == "none"),
+              f"{n}.rollout_bf16_weights needs --bf16 and no --sharding (a whole bf16 copy of the policy's linears)")
+        check(self.frozen_bf16 != "on" or self.bf16, f"{n}.frozen_bf16 = 'on' needs --bf16")
         mini = self.mini_batch_size
         check(
             mini % self.per_device_train_batch_size == 0 or self.per_device_train_batch_size >= mini,
@@ -433,6 +452,7 @@ class EvalConfig:
     vllm_kv_cache_memory_gib: float | None = opt(None, "As in PPOConfig.", gt=0)
     vllm_dtype: str = opt("auto", "As in PPOConfig.", choices=("auto", "float32", "bfloat16", "float16"))
     vllm_enforce_eager: bool = opt(False, "As in PPOConfig.")
+    rollout_cuda_graph: bool = opt(False, "As in PPOConfig (hf engine, GPU).")
     top_k: int = opt(0, "Top-k sampling (0: off). kl and perplexity stay under the full temperature-scaled softmax.", ge=0)
     top_p: float = opt(1.0, "Nucleus sampling (1.0: off); kl and perplexity as for top_k.", gt=0, le=1)
     batch_size: int = opt(64, "Prompts per generate() call.", ge=1)
@@ -449,6 +469,8 @@ class EvalConfig:
         check(self.dataset is not None or self.task is not None, "EvalConfig: give --dataset or --task")
         _check_device(self)
         _check_engine(self)
+        check(not self.rollout_cuda_graph or self.rollout_engine == "hf", "EvalConfig.rollout_cuda_graph is for "
+              "--rollout_engine hf")
 
 
 @dataclass

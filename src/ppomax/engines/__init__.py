@@ -7,7 +7,8 @@ engine's own log-probs of the sampled tokens. After every policy update the trai
 
 Two engines (PPOConfig / EvalConfig ``rollout_engine``):
 - ``hf``   (:mod:`ppomax.engines.hf`): ppomax's own KV-cache decode loop on the training model
-  itself; ``sync`` has nothing to do. The default.
+  itself (optionally replayed from CUDA graphs, :mod:`ppomax.engines.graph_decode`); ``sync`` has
+  nothing to do unless it samples from a bf16 copy of the policy. The default.
 - ``vllm`` (:mod:`ppomax.engines.vllm`): a colocated vLLM engine in the training process, its
   weights pushed in memory after each update. Imported only when asked for.
 """
@@ -69,4 +70,5 @@ def make_engine(cfg, policy: torch.nn.Module, tokenizer) -> RolloutEngine:
     from ppomax.engines.hf import HFEngine
 
     return HFEngine(policy, bf16=getattr(cfg, "bf16", False), fp16=getattr(cfg, "fp16", False),
-                    compile=getattr(cfg, "torch_compile", False))
+                    compile=getattr(cfg, "torch_compile", False), cuda_graph=getattr(cfg, "rollout_cuda_graph", False),
+                    bf16_weights=getattr(cfg, "rollout_bf16_weights", False))

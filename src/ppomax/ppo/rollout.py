@@ -17,6 +17,7 @@ import torch
 from ppomax import compat
 from ppomax import functional as F
 from ppomax.models import position_ids_from_mask
+from ppomax.ppo.sampling import DecodeBuffers, finish, sample_step
 
 
 @dataclass
@@ -71,37 +72,8 @@ def cat_padded(chunks: list[tuple], pad_id: int) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling
+# KV caches (the per-step sampling and its bookkeeping: ppomax.ppo.sampling)
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_from_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Sample one token per row from logits (B, V) / temperature, with optional top-k / top-p."""
-    logits = logits.float() / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        # drop tokens once the mass *before* them already exceeds top_p (keeps at least one)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) > top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return sample_categorical(torch.softmax(logits, dim=-1))
-
-
-def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
-    """One draw per row of ``probs`` (B, V) by inverting the CDF with one uniform number per row.
-
-    The same distribution as ``torch.multinomial(probs, 1)``, which on CPU draws V exponential
-    variates per row (a third of a small model's generation time). The CDF is accumulated in
-    float64; ``u`` lies in (0, total] and the first index with cdf >= u is taken, so a token of
-    probability 0 (cut by top-k / top-p) can never be drawn.
-    """
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    u = (1.0 - torch.rand((probs.shape[0], 1), dtype=cdf.dtype, device=probs.device)) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _preallocated_kv_cache(model, max_len: int):
@@ -148,21 +120,44 @@ def _preallocated_kv_cache(model, max_len: int):
 # ---------------------------------------------------------------------------------------------
 
 
+# torch.compile's options for everything ppomax compiles (the decode step and the rollout / training
+# forwards). Empty: inductor, default mode. tests/test_compile.py sets fullgraph=True with the eager
+# backend, so any graph break fails CI.
+COMPILE_OPTIONS: dict = {}
+
+
 def maybe_compile(fn, enabled: bool):
-    """``fn`` itself, or ``torch.compile(fn)`` (torch.compile, issue #5). Compilation is lazy (on the
-    first call) and per input signature: a model, train/eval mode, grad mode, autocast and the input
-    shapes; a second set of shapes recompiles once with dynamic sizes (dynamo's automatic dynamic
-    shapes), so batches whose prompt / response lengths vary cost two compiles, not one per length."""
-    return torch.compile(fn) if enabled else fn
+    """``fn`` itself, or ``fn`` through ``torch.compile`` (torch.compile, issue #5). Compilation is lazy
+    (on the first call) and per input signature: a model, train/eval mode, grad mode, autocast and the
+    input shapes; a second set of shapes recompiles once with dynamic sizes (dynamo's automatic dynamic
+    shapes), so batches whose prompt / response lengths vary cost two compiles, not one per length.
+
+    What depends on the model's class (does its forward take ``logits_to_keep``) is read here, outside
+    the traced function, and passed in as a constant: dynamo cannot call ``inspect`` on a module
+    argument (torch 2.11 raised ``AsPythonConstantNotImplementedError`` on ``assume_constant_result``).
+    """
+    if not enabled:
+        return fn
+    compiled = torch.compile(fn, **COMPILE_OPTIONS)
+    takes_flag = "takes_logits_to_keep" in inspect.signature(fn).parameters
+
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        if takes_flag:
+            kwargs.setdefault("takes_logits_to_keep", accepts_logits_to_keep(model))
+        return compiled(model, *args, **kwargs)
+
+    return call
 
 
-def _static_kv_cache(model, max_len: int):
+def static_kv_cache(model, max_len: int):
     """transformers' ``StaticCache`` for ``max_len`` positions, or None when this transformers or this
     model cannot use one (the caller then decodes eagerly with the preallocated dynamic cache).
 
     A static cache keeps every decode step's shapes fixed (keys and values always ``max_len`` long,
     the not yet written positions masked out by the causal mask), which is what a compiled decode
-    step needs: one graph for the whole response instead of one per context length.
+    step and a captured CUDA graph (``ppomax.engines.graph_decode``) need: one graph for the whole
+    response instead of one per context length.
     """
     try:
         from transformers.cache_utils import StaticCache, StaticLayer
@@ -190,27 +185,29 @@ def _casting_static_layer(static_layer: type) -> type:
     return _CastingStaticLayer
 
 
-def _decode_step(model, tok, attn, pos, past):
-    """One decode step: next-token logits (B, V) for tokens (B, 1) at positions ``pos`` (B, 1)."""
-    # compat.cache_kwargs: `cache=` or `past_key_values=`, whichever this transformers' forward takes (a
-    # constant at trace time)
-    return model(input_ids=tok, attention_mask=attn, position_ids=pos, **compat.cache_kwargs(model, past),
-                 use_cache=True).logits[:, -1, :]
+def decode_step(model, tok, attn, pos, cache_kw: dict):
+    """One decode step: next-token logits (B, V) for tokens (B, 1) at positions ``pos`` (B, 1).
+
+    ``cache_kw``: ``compat.cache_kwargs(model, cache)``, built by the caller outside any compiled
+    function (``cache=`` or ``past_key_values=``, whichever this model's forward takes).
+    """
+    return model(input_ids=tok, attention_mask=attn, position_ids=pos, **cache_kw, use_cache=True).logits[:, -1, :]
 
 
-_compiled_decode_step = None
+_compiled_steps: dict = {}
 
 
-def _get_compiled_decode_step():
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(_decode_step)
-    return _compiled_decode_step
+def compiled_decode_step():
+    """``decode_step`` through torch.compile with COMPILE_OPTIONS (one compiled function per options)."""
+    key = tuple(sorted(COMPILE_OPTIONS.items()))
+    if key not in _compiled_steps:
+        _compiled_steps[key] = torch.compile(decode_step, **COMPILE_OPTIONS)
+    return _compiled_steps[key]
 
 
-@torch.compiler.assume_constant_result  # compiled callers (issue #5) read it once, at trace time
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM's forward takes ``logits_to_keep`` (LM head on the last N positions only)."""
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (LM head on the last N positions only).
+    Reads the forward's signature: not for calling inside a compiled function (see ``maybe_compile``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers pass kwargs on
     return _forward_takes(type(base), "logits_to_keep")
 
@@ -223,8 +220,8 @@ def _forward_takes(cls: type, name: str) -> bool:
         return False
 
 
-def _id_tensor(ids: int | Sequence[int] | None, device) -> torch.Tensor | None:
-    """EOS id(s) as a 1-D long tensor for ``torch.isin``, or None when there is none."""
+def eos_tensor(ids: int | Sequence[int] | None, device) -> torch.Tensor | None:
+    """EOS id(s) as a 1-D long tensor (for ``sampling.is_eos``), or None when there is none."""
     if ids is None:
         return None
     ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
@@ -259,9 +256,10 @@ def generate(
     second forward; equal to float rounding: ~1e-6 in fp32, ~1e-2 under bf16 autocast).
     Written out instead of ``model.generate`` so that sampling and the PPO log-probs use one
     distribution (temperature-scaled softmax) and position ids match the training forward.
-    Per-token work is kept to the model call and the sampling: the attention mask and the KV
-    cache are preallocated (no per-step ``torch.cat``), the prefill computes logits for the last
-    position only, and without ``stop_at_eos`` there is no per-step finished bookkeeping.
+    Per-token work is kept to the model call and the sampling (``ppomax.ppo.sampling.sample_step``,
+    which the CUDA-graph decoder runs too): the attention mask and the KV cache are preallocated (no
+    per-step ``torch.cat``), the prefill computes logits for the last position only, and without
+    ``stop_at_eos`` there is no per-step finished check.
 
     ``compile=True`` (torch.compile, issue #5) runs the decode steps through ``torch.compile`` with
     transformers' static KV cache (fixed shapes: one graph per prompt + response length, then one
@@ -274,10 +272,10 @@ def generate(
     # The full [prompt | response] mask up front; step t sees the view attn[:, : P + t + 1].
     attn = torch.cat([prompt_mask, prompt_mask.new_ones((B, max_new_tokens))], dim=1)
     pos = position_ids_from_mask(prompt_mask)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    past = _static_kv_cache(model, P + max_new_tokens) if compile else None
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    past = static_kv_cache(model, P + max_new_tokens) if compile else None
     # static cache: every step sees the full mask (the unwritten positions are causally masked)
-    static_step = _get_compiled_decode_step() if past is not None else None
+    static_step = compiled_decode_step() if past is not None else None
     if past is None:
         past = _preallocated_kv_cache(model, P + max_new_tokens)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, **compat.cache_kwargs(model, past),
@@ -285,47 +283,27 @@ def generate(
     past = compat.output_cache(out)
     next_logits = out.logits[:, -1, :]
     last_pos = pos[:, -1:]
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if return_logprobs else None
-    eos = _id_tensor(eos_token_id, device)
+    buf = DecodeBuffers.new(B, max_new_tokens, pad_token_id, device, return_logprobs)
+    cols = torch.arange(max_new_tokens, device=device)
+    eos = eos_tensor(eos_token_id, device)
     check_eos = stop_at_eos and eos is not None
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ended_with_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    T = max_new_tokens
     for t in range(max_new_tokens):
-        tok = sample_from_logits(next_logits, temperature, top_k, top_p)
-        if check_eos:
-            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-            mask[:, t] = (~finished).float()
-            is_eos = torch.isin(tok, eos) & ~finished
-            ended_with_eos |= is_eos
-            finished |= is_eos
-        tokens[:, t] = tok
-        if logps is not None:
-            z = next_logits.float() / temperature
-            logps[:, t] = z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-        if check_eos and bool(finished.all()):
-            tokens, mask = tokens[:, : t + 1], mask[:, : t + 1]
-            logps = logps[:, : t + 1] if logps is not None else None
+        tok = sample_step(buf, next_logits, cols[t : t + 1], temperature, top_k, top_p, pad_token_id, eos, check_eos)
+        if check_eos and bool(buf.finished.all()):
+            T = t + 1
             break
         if t == max_new_tokens - 1:
             break
         last_pos = last_pos + 1
         if static_step is not None:
-            next_logits = static_step(model, tok[:, None], attn, last_pos, past)
+            next_logits = static_step(model, tok[:, None], attn, last_pos, compat.cache_kwargs(model, past))
             continue
         out = model(input_ids=tok[:, None], attention_mask=attn[:, : P + t + 1], position_ids=last_pos,
                     **compat.cache_kwargs(model, past), use_cache=True)
         past = compat.output_cache(out)
         next_logits = out.logits[:, -1, :]
-    if not check_eos:
-        mask.fill_(1.0)
-        if eos is not None:  # every response runs to the cap; truncated still means "no EOS in it"
-            ended_with_eos = torch.isin(tokens, eos).any(dim=1)
-    truncated = ~ended_with_eos
-    if logps is not None:
-        return tokens, mask, truncated, logps
-    return tokens, mask, truncated
+    return finish(buf, T, check_eos, eos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,14 +311,20 @@ def generate(
 # ---------------------------------------------------------------------------------------------
 
 
-def response_logits(model, prompt_ids, prompt_mask, response_ids, mask) -> torch.Tensor:
-    """Logits (B, T, V) predicting each response token (positions P−1 … P+T−2 of the sequence)."""
+def response_logits(model, prompt_ids, prompt_mask, response_ids, mask,
+                    takes_logits_to_keep: bool | None = None) -> torch.Tensor:
+    """Logits (B, T, V) predicting each response token (positions P−1 … P+T−2 of the sequence).
+
+    ``takes_logits_to_keep``: whether the model's forward takes ``logits_to_keep`` (None: ask it;
+    compiled callers decide outside the trace, see ``maybe_compile``)."""
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attn = torch.cat([prompt_mask, mask.long()], dim=1)
     T = response_ids.shape[1]
     # The LM head runs on the last T + 1 positions only (P−1 … P+T−1), not on the prompt: with a
     # large vocabulary it is a third of a small model's forward and backward.
-    extra = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
+    if takes_logits_to_keep is None:
+        takes_logits_to_keep = accepts_logits_to_keep(model)
+    extra = {"logits_to_keep": T + 1} if takes_logits_to_keep else {}
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False,
                 **extra)
     return out.logits[:, -(T + 1) : -1, :]
@@ -411,7 +395,7 @@ def _response_hidden(decoder, prompt_ids, prompt_mask, response_ids, mask) -> to
 
 
 def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: bool = False, entropy_grad: bool = True,
-                      chunked: bool = True):
+                      chunked: bool = True, takes_logits_to_keep: bool | None = None):
     """log π(a_t|s_t) (B, T) at ``temperature`` (and the entropy (B, T) if asked).
 
     ``entropy_grad=False`` computes the entropy as a detached statistic (no full-vocabulary
@@ -422,6 +406,7 @@ def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: boo
     the decoder's hidden states, so neither this forward nor its backward keeps the (B, T, V)
     logits; the values and gradients equal the plain path's to float rounding. ``chunked=False``
     (and every other model) runs the full causal LM and the log-softmax on its logits.
+    ``takes_logits_to_keep``: as in ``response_logits`` (``maybe_compile`` passes it in).
     """
     prompt_ids, prompt_mask, response_ids, mask = exp_or_parts
     found = _decoder_and_head(model) if chunked else None
@@ -433,7 +418,7 @@ def response_logprobs(model, exp_or_parts, temperature: float, with_entropy: boo
         if with_entropy and not entropy_grad:
             return out[0], out[1].detach()
         return out
-    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, mask) / temperature
+    logits = response_logits(model, prompt_ids, prompt_mask, response_ids, mask, takes_logits_to_keep) / temperature
     logp = F.logprobs_from_logits(logits, response_ids)
     if with_entropy:
         if entropy_grad:

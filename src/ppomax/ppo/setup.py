@@ -237,6 +237,28 @@ def optimizers(cfg: PPOConfig, policy, critic) -> tuple:
     return p_opt, p_sched, c_opt, c_sched
 
 
+def frozen_dtype(cfg: PPOConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype π_ref and the reward model are held in (--frozen_bf16), or None: as loaded.
+
+    bf16 under --bf16 on a GPU ('auto') or on any device ('on'): autocast computes their matmuls in
+    bf16 anyway, so fp32 weights only cost memory and a cast per weight per forward (autocast caches
+    casts only of weights that require grad). Embeddings and norms then also run in bf16: scores
+    and log π_ref move within bf16 rounding.
+    """
+    if not cfg.bf16 or cfg.frozen_bf16 == "off":
+        return None
+    return torch.bfloat16 if cfg.frozen_bf16 == "on" or device.type == "cuda" else None
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter of ``model`` to ``dtype``, in place. Buffers stay as loaded (RoPE's
+    inv_freq in bf16 would shift the angles of far positions; ``Module.to`` would cast it too)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
 def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist: dist_lib.Dist, mode: str,
                  device: torch.device) -> None:
     """Dropout off, device, frozen models, gradient checkpointing, the same start on every rank, sharding.
@@ -252,11 +274,14 @@ def place_models(cfg: PPOConfig, policy, critic, ref_policy, reward_model, dist:
     # Module.to gives every model its own device copy: share again as each one arrives, so the
     # device holds at most one duplicate at a time (on the host, load_models shared them already)
     index = weight_index(cfg.share_frozen_weights and mode == "none" and device.type != "cpu")
+    frozen_as = frozen_dtype(cfg, device)
     for m, trainable in roles:
         if m is not None and not sharding.shards(mode, trainable):
             if sharding.is_skeleton(m):
                 raise UserError(f"{type(m).__name__} was built without weights but is not sharded")
             m.to(device)  # a model to be sharded moves in fully_shard, one block at a time
+            if frozen_as is not None and not trainable:
+                cast_parameters(m, frozen_as)  # before sharing: bit-equal bf16 tensors are held once
             if index is not None:
                 index.add(m)
     for frozen in (ref_policy, reward_model):
