@@ -72,3 +72,53 @@ def test_collapse_moves_every_metric_the_way_the_docs_say():
     assert v["distinct_1"] == 1.0 and v["distinct_2"] == 1.0 and v["template_share"] == 0.25
     assert t["distinct_1"] < 0.5 * v["distinct_1"] and t["distinct_2"] < 0.5 * v["distinct_2"]
     assert t["self_similarity"] > 0.5 > 0.1 > v["self_similarity"] and t["template_share"] == 1.0
+
+
+def test_ppo_evaluation_logs_them_and_calls_the_judge_once_with_every_held_out_response(tmp_path):
+    """eval/<collapse metric> during PPO is the metric of the decoded held-out responses, and the gold
+    judge sees all of them in one call (a set-level judge would see only one generation batch before)."""
+    from ppomax.config import PPOConfig
+    from ppomax.models import build_tiny_model
+    from ppomax.ppo.trainer import PPOTrainer
+    from ppomax.report import METRIC_DOCS
+
+    calls = []
+
+    def set_judge(prompts, responses, truncated):  # gold = the size of the set it was given
+        calls.append(list(responses))
+        return [float(len(responses))] * len(responses)
+
+    tiny = build_tiny_model(tmp_path / "tiny", num_layers=1, hidden_size=32, num_heads=2)
+    eval_prompts = [f"Say {w} words:" for w in ("some", "a few", "three", "two", "more", "odd")]
+    cfg = PPOConfig.from_preset(
+        "vanilla", model_name_or_path=str(tiny), output_dir=str(tmp_path / "run"), critic_init="sft", max_steps=1,
+        rollout_batch_size=2, num_mini_batches=1, per_device_train_batch_size=2, generation_batch_size=2,
+        response_length=6, eval_steps=1, report_to="none", disable_tqdm=True, num_sample_generations=0)
+    rows = PPOTrainer(cfg, prompts=["hello there", "the cat"], reward_fn=lambda p, r: [len(x) for x in r],
+                      gold_fn=set_judge, eval_prompts=eval_prompts).train()
+    held_out = calls[-1]  # the last call is the evaluation's (the training batch's come first)
+    assert len(held_out) == 6 and rows[-1]["eval/gold"] == 6.0  # 3 generation batches of 2, one judge call
+    for name, value in D.collapse_metrics(held_out).items():
+        assert rows[-1][f"eval/{name}"] == value and f"eval/{name}" in METRIC_DOCS
+
+
+def test_ppomax_eval_reports_them_for_policy_and_baseline(tmp_path):
+    import json
+
+    from ppomax.cli import main
+    from ppomax.data import write_jsonl
+    from ppomax.models import ScalarHeadModel, build_tiny_model, load_tokenizer
+
+    tiny = build_tiny_model(tmp_path / "tiny", num_layers=1, hidden_size=32, num_heads=2)
+    ScalarHeadModel.from_causal_lm(tiny).save_pretrained(tmp_path / "rm", tokenizer=load_tokenizer(tiny))
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say {w} words:"} for w in ("some", "three", "two", "odd", "x")])
+    assert main(["eval", "--model_name_or_path", str(tiny), "--baseline_model_path", str(tiny), "--judge", "rm",
+                 "--reward_model_path", str(tmp_path / "rm"), "--dataset", str(tmp_path / "p.jsonl"),
+                 "--num_samples", "5", "--response_length", "8", "--output_dir", str(tmp_path / "ev"),
+                 "--disable_tqdm"]) == 0
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    expected = D.collapse_metrics([s["response"] for s in res["samples"]])  # all 5 responses are samples
+    for name, value in expected.items():
+        assert res["metrics"][name] == value
+        assert res["baseline"][name] == value  # the baseline is the same model with the same seed
+        assert f"| {name} | {value:.4g} | {value:.4g} |" in (tmp_path / "ev" / "eval.md").read_text()

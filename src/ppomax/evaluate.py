@@ -6,6 +6,8 @@ Metrics (same names as the training monitors where they coincide):
 - ``kl``: mean over responses of Σ_t (log π − log π_ref) on the policy's own samples (nats);
 - ``perplexity``: exp(mean response-token NLL of the policy on its own samples);
 - ``length``: mean response tokens (EOS included); ``truncated``: share hitting the cap;
+- ``distinct_1``, ``distinct_2``, ``self_similarity``, ``template_share``: pattern collapse across
+  the responses (:mod:`ppomax.diversity`; compare them between sets of the same prompts);
 - ``win_rate_vs_<baseline>``: share of prompts where the judge prefers the policy's response to
   the baseline's response for the same prompt (ties count half), with a 95 % Wilson interval.
 """
@@ -78,12 +80,15 @@ def sample_responses(
 
 def summarize(samples: dict[str, Any], gold: Sequence[float] | None = None) -> dict[str, float]:
     """Mean metrics of one policy's samples (see the module docstring for the names)."""
+    from ppomax.diversity import collapse_metrics
+
     n_tok = sum(samples["length"])
     m = {
         "perplexity": math.exp(min(sum(samples["nll"]) / max(n_tok, 1), 50.0)),
         "length": n_tok / max(len(samples["length"]), 1),
         "truncated": sum(samples["truncated"]) / max(len(samples["truncated"]), 1),
         "n": len(samples["responses"]),
+        **collapse_metrics(samples["responses"]),
     }
     if samples["kl"]:
         m["kl"] = sum(samples["kl"]) / len(samples["kl"])
@@ -171,9 +176,14 @@ def evaluate(cfg) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "", "| metric | value |", "|---|---|"]
+    def cell(v):
+        return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    base_m = result.get("baseline", {})
+    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "",
+             "| metric | value | baseline |" if base_m else "| metric | value |", "|---|---|---|" if base_m else "|---|---|"]
     for k, v in result["metrics"].items():
-        lines.append(f"| {k} | {v if not isinstance(v, float) else f'{v:.4g}'} |")
+        lines.append(f"| {k} | {cell(v)} | {cell(base_m.get(k))} |" if base_m else f"| {k} | {cell(v)} |")
     lines += ["", "## Samples", ""] + [f"- **{s['prompt']}** {s['response']}" for s in result["samples"]]
     (out / "eval.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps(result["metrics"], indent=2))
