@@ -30,14 +30,15 @@ logger = logging.getLogger("ppomax")
 def sample_responses(
     policy, tokenizer, prompt_ids: list[list[int]], response_length: int, temperature: float = 1.0,
     batch_size: int = 64, ref_policy=None, reward_model=None, seed: int = 0, disable_tqdm: bool = True,
-    top_k: int = 0, top_p: float = 1.0, engine=None,
+    top_k: int = 0, top_p: float = 1.0, engine=None, logprobs: bool = True,
 ) -> dict[str, Any]:
     """Sample one response per prompt; return texts and per-response statistics (lists).
 
     Responses end at any EOS id of the tokenizer and the policy's generation_config. ``nll`` and
     ``kl`` are under the full temperature-scaled softmax (as in PPO), also when top-k / top-p
     truncate the sampling. ``engine``: a rollout engine (ppomax.engines) to sample with; default
-    the ``hf`` engine on ``policy``."""
+    the ``hf`` engine on ``policy``. ``logprobs=False`` (and no ``ref_policy``) skips the policy's
+    forward pass over its samples (about as many FLOPs as sampling them); ``nll`` then stays empty."""
     from ppomax.data import collate_prompts
     from ppomax.engines import Sampling
     from ppomax.engines.hf import HFEngine
@@ -60,8 +61,9 @@ def sample_responses(
             gen = engine.generate(p_ids, p_mask, sampling)
             resp, mask, trunc = gen.response_ids, gen.mask, gen.truncated
             parts = (p_ids, p_mask, resp, mask)
-            logp = response_logprobs(policy, parts, temperature) * mask
-            out["nll"] += (-(logp.sum(-1))).tolist()
+            if logprobs or ref_policy is not None:
+                logp = response_logprobs(policy, parts, temperature) * mask
+                out["nll"] += (-(logp.sum(-1))).tolist()
             out["length"] += mask.sum(-1).tolist()
             out["truncated"] += trunc.tolist()
             if ref_policy is not None:
