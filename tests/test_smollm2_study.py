@@ -13,7 +13,7 @@ from ppomax import smollm2_task as T
 def test_prompts_hold_out_whole_topics():
     train, held, dev = S.prompts("train"), S.prompts("eval"), S.prompts("dev")
     assert len(train) == 4 * (len(S.TOPICS) - S.N_HELD_OUT_TOPICS) and len(held) == 4 * S.N_HELD_OUT_TOPICS == 128
-    assert len(dev) == 4 * len(S.DEV_TOPICS) == S.FULL.n_dev_prompts == 32
+    assert len(dev) == 4 * len(S.DEV_TOPICS) == S.FULL.n_dev_prompts == 24
     assert len(set(S.TOPICS + S.DEV_TOPICS)) == len(S.TOPICS) + len(S.DEV_TOPICS)
     users = lambda ps: {p[1]["content"] for p in ps}  # noqa: E731
     assert not users(train) & users(held) and not users(dev) & (users(train) | users(held))

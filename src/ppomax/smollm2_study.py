@@ -73,7 +73,7 @@ class StudyBudget:
     critic_learning_rate: float = 2e-4  # LoRA critic + its fresh-ish head
     n_eval_prompts: int = 128
     eval_steps: int = 16  # evaluations during PPO (best checkpoint, eval/* curves): iterations 16, 32, 48, 64
-    n_dev_prompts: int = 32  # their prompts: 8 dev topics × 4 templates
+    n_dev_prompts: int = 24  # their prompts: 6 dev topics × 4 templates (each evaluation ≈ half an iteration)
 
 
 FULL = StudyBudget()
@@ -193,7 +193,8 @@ def ppo_config(method: str, out: Path, model_dir: Path, rm_dir: Path, b: StudyBu
         critic_pretrain_steps=b.critic_pretrain_steps if method == "ppo_max" else 0,
         rollout_batch_size=b.rollout_batch_size, num_mini_batches=b.num_mini_batches,
         per_device_train_batch_size=b.rollout_batch_size // b.num_mini_batches,
-        generation_batch_size=b.rollout_batch_size, num_ppo_epochs=b.num_ppo_epochs,
+        # one generate call for a rollout (16 prompts) and for an evaluation (24 dev prompts)
+        generation_batch_size=max(b.rollout_batch_size, b.n_dev_prompts), num_ppo_epochs=b.num_ppo_epochs,
         response_length=b.response_length, temperature=b.temperature, learning_rate=b.learning_rate,
         critic_learning_rate=b.critic_learning_rate, max_prompt_length=64, save_steps=max(8, b.ppo_steps // 4),
         save_total_limit=1, report_to="none",

@@ -48,8 +48,7 @@ TOPICS = (
 N_HELD_OUT_TOPICS = 32
 # Neither trained on nor reported: the prompts of the evaluations during PPO that pick each run's
 # best checkpoint (issue #24), so that the report's prompts never select what they report.
-DEV_TOPICS = ("a pottery class", "a ferris wheel", "an ice rink", "a hot air balloon", "a lemon tree",
-              "a jigsaw puzzle", "a rowing club", "a toy shop")
+DEV_TOPICS = ("a pottery class", "a ferris wheel", "an ice rink", "a hot air balloon", "a lemon tree", "a rowing club")
 # Openings that steer a pair's two samples apart in sentiment: one begins with a positive one, the
 # other with a negative one (the opening stays part of the response the judge and the RM read).
 STARTS = {"positive": ("I love", "What a joy:", "Wonderfully,", "Happily,", "How lovely:", "I adore"),
