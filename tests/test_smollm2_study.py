@@ -170,6 +170,11 @@ def test_best_checkpoint_is_the_one_best_json_names(tmp_path):
     (tmp_path / "best" / "best.json").write_text(json.dumps({"checkpoint": "checkpoint-8", "step": 8}))
     assert R.best_checkpoint(tmp_path).name == "checkpoint-8"
     assert [S.run_name("vanilla", s, 0) for s in (0, 1)] == ["vanilla", "vanilla_seed1"]
+    # checkpoint names count critic pre-training iterations; the report gives the PPO iteration
+    rows = [{"step": 1, "ppo_step": 0, "phase": "critic_pretrain"}, {"step": 8, "ppo_step": 7, "phase": "ppo"}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert R.ppo_step(tmp_path, tmp_path / "best" / "checkpoint-8") == 7
+    assert R.ppo_step(tmp_path, tmp_path / "best" / "checkpoint-16") == 16  # no row: the name's number
 
 
 def test_stage_cache_keys_ignore_the_ppo_budget():

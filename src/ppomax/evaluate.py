@@ -178,14 +178,15 @@ def evaluate(cfg) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+
     def cell(v):
         return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    base_m = result.get("baseline", {})
-    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "",
-             "| metric | value | baseline |" if base_m else "| metric | value |", "|---|---|---|" if base_m else "|---|---|"]
+    base_m = result.get("baseline")  # its own metrics beside the policy's (win rates: the policy's only)
+    head = ["metric", "value", *(["baseline"] if base_m else [])]
+    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for k, v in result["metrics"].items():
-        lines.append(f"| {k} | {cell(v)} | {cell(base_m.get(k))} |" if base_m else f"| {k} | {cell(v)} |")
+        lines.append("| " + " | ".join([k, cell(v), *([cell(base_m.get(k))] if base_m else [])]) + " |")
     lines += ["", "## Samples", ""] + [f"- **{s['prompt']}** {s['response']}" for s in result["samples"]]
     (out / "eval.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps(result["metrics"], indent=2))

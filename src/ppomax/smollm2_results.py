@@ -41,8 +41,13 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
+def ppo_step(run_dir: Path, checkpoint: Path) -> int:
+    """The PPO iteration of a checkpoint (its name counts critic pre-training iterations too)."""
+    from ppomax.report import read_metrics
+
+    iteration = int(checkpoint.name.rsplit("-", 1)[-1])
+    rows = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    return next((int(r["ppo_step"]) for r in rows if r.get("step") == iteration and "ppo_step" in r), iteration)
 
 
 def evaluate_runs(ev, out: Path, names: Mapping[tuple[str, int], str], gold_peaks: Mapping[str, float],
@@ -69,7 +74,7 @@ def evaluate_runs(ev, out: Path, names: Mapping[tuple[str, int], str], gold_peak
         else:
             bm, bg = ev.run(best / "policy", out / "eval" / f"{name}_best.jsonl")
         per_seed.setdefault(method, {})[seed] = {
-            **fm, "gold_peak": round(gold_peaks[name], 4), "gold_best": bm["gold"], "best_step": _step(best),
+            **fm, "gold_peak": round(gold_peaks[name], 4), "gold_best": bm["gold"], "best_step": ppo_step(run, best),
             "best": {k: bm[k] for k in BEST_KEYS}}
         gold.setdefault(method, {})[seed] = {"final": fg, "best": bg}
     methods = {"base": base, **{m: mean_over_seeds(per_seed[m], gold[m], base_gold) for m in per_seed}}
@@ -116,6 +121,9 @@ def write_study_report(out: Path, results: Mapping[str, Any], info: Mapping[str,
     from ppomax.report import plot_curves, plot_grid, write_report
     from ppomax.smollm2_targets import check_targets, stability_line
 
+    def _fmt(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else "–"
+
     methods, b, seeds = results["methods"], info["budget"], info["seeds"]
     ok, checks, details = check_targets(methods, results["gold"])
     tax_line = stability_line(details["stability_tax"])
@@ -144,7 +152,7 @@ def write_study_report(out: Path, results: Mapping[str, Any], info: Mapping[str,
         f"held-out responses (the table), or its {b['n_dev_prompts']} dev responses (eval/* during PPO). The "
         f"reward model's pairs were labelled by the per-response part only (a labeller sees one prompt's two "
         f"answers): {info['pairs']['pairs']} pairs of SmolLM2's own samples, Bradley-Terry β = {b['pair_beta']}, "
-        f"held-out pair accuracy {info['reward_model']['eval_accuracy']:.3f}.",
+        f"held-out pair accuracy {_fmt(info['reward_model']['eval_accuracy'])}.",
         f"Evaluation: {b['n_eval_prompts']} held-out prompts on topics never trained on, one sample each at "
         f"temperature {b['temperature']}; KL is Σ_t log π − log π_base per response; the win rate counts ties as ½ "
         f"(95 % Wilson interval). gold_best: the best checkpoint by eval/gold on the dev prompts during training "
