@@ -121,7 +121,7 @@ def write_study_report(out: Path, results: Mapping[str, Any], info: Mapping[str,
     from ppomax.report import plot_curves, plot_grid, write_report
     from ppomax.smollm2_targets import check_targets, stability_line
 
-    def _fmt(x: Any) -> str:
+    def fmt(x: Any) -> str:
         return f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else "–"
 
     methods, b, seeds = results["methods"], info["budget"], info["seeds"]
@@ -152,7 +152,7 @@ def write_study_report(out: Path, results: Mapping[str, Any], info: Mapping[str,
         f"held-out responses (the table), or its {b['n_dev_prompts']} dev responses (eval/* during PPO). The "
         f"reward model's pairs were labelled by the per-response part only (a labeller sees one prompt's two "
         f"answers): {info['pairs']['pairs']} pairs of SmolLM2's own samples, Bradley-Terry β = {b['pair_beta']}, "
-        f"held-out pair accuracy {_fmt(info['reward_model']['eval_accuracy'])}.",
+        f"held-out pair accuracy {fmt(info['reward_model']['eval_accuracy'])}.",
         f"Evaluation: {b['n_eval_prompts']} held-out prompts on topics never trained on, one sample each at "
         f"temperature {b['temperature']}; KL is Σ_t log π − log π_base per response; the win rate counts ties as ½ "
         f"(95 % Wilson interval). gold_best: the best checkpoint by eval/gold on the dev prompts during training "
