@@ -40,8 +40,9 @@ def main() -> None:
         shutil.copytree(args.study / "runs" / "vanilla", args.out)
         (args.out / "DONE").unlink(missing_ok=True)
     model_dir, rm_dir, judge = fetch_smollm2(), args.study / "assets" / "rm", GoldJudge()
+    dev = args.study / "assets" / "dev_prompts.jsonl"  # the study's evaluations during PPO (best/), if it had them
     cfg = ppo_config("vanilla", args.out, model_dir, rm_dir, dataclasses.replace(FULL, ppo_steps=args.steps),
-                     args.seed, True)
+                     args.seed, True, eval_dataset=dev if dev.exists() else None)
     t = time.perf_counter()
     PPOTrainer(dataclasses.replace(cfg, resume_from="latest"), prompts=[{"prompt": c} for c in prompts("train")],
                gold_fn=judge).train()

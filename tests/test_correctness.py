@@ -128,6 +128,16 @@ def test_top_k_one_in_eval_is_greedy(tiny):
     assert s["responses"][0] == tok.decode(greedy, skip_special_tokens=True)
 
 
+def test_sampling_without_logprobs_gives_the_same_samples(tiny):
+    from ppomax.evaluate import sample_responses
+
+    policy, tok = load_causal_lm(tiny), load_tokenizer(tiny)
+    ids = [tok(t)["input_ids"] for t in ("The weather", "A cat", "Hello")]
+    full, fast = (sample_responses(policy, tok, ids, 6, seed=3, logprobs=lp) for lp in (True, False))
+    assert fast["responses"] == full["responses"] and fast["truncated"] == full["truncated"]
+    assert len(full["nll"]) == 3 and fast["nll"] == []  # the policy's forward pass was skipped
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. stop_at_eos=False: a response that contains EOS is not truncated
 # ---------------------------------------------------------------------------------------------

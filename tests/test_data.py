@@ -60,6 +60,8 @@ BAD_ROWS = [
         "'chosen' and 'rejected' are identical",
     ),
     ("preference", b'{"chosen": "x", "rejected": "y"}', "field 'prompt' is missing"),
+    ("preference", b'{"prompt": "a", "chosen": "x", "rejected": "y", "chosen_truncated": 1}',
+     "field 'chosen_truncated' must be true or false, got int"),
     (
         "preference",
         b'{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],'
@@ -251,6 +253,19 @@ def test_tokenize_preference_drops_pairs_identical_after_truncation(tokenizer):
     examples, stats = tokenize_preference(rows, tokenizer, max_length=10, max_prompt_length=2)
     assert stats.dropped_pairs == 1 and stats.truncated_responses == 2 and stats.examples == 1
     assert examples[0]["chosen_ids"] == encode_response(tokenizer, "Yes.")  # untouched pair kept
+
+
+def test_a_pair_side_marked_truncated_gets_no_eos(tokenizer):
+    """Issue #24: a side cut at a length cap is scored without EOS, as PPO scores a truncated sample;
+    before, every side got EOS appended (61 % of the SmolLM2 study's pair samples were cut)."""
+    eos = tokenizer.eos_token_id
+    rows, _ = load_rows([{**GOOD_PREF, "chosen_truncated": True, "rejected_truncated": None},
+                         {**GOOD_PREF, "rejected_truncated": True}], "preference")
+    assert rows == [{**GOOD_PREF, "chosen_truncated": True}, {**GOOD_PREF, "rejected_truncated": True}]
+    (a, b), _ = tokenize_preference(rows, tokenizer, max_length=64, max_prompt_length=32)
+    words = tokenizer(GOOD_PREF["chosen"], add_special_tokens=False)["input_ids"]
+    assert a["chosen_ids"] == words == encode_response(tokenizer, GOOD_PREF["chosen"], eos=False)
+    assert a["rejected_ids"][-1] == eos and b["chosen_ids"] == words + [eos] and b["rejected_ids"][-1] != eos
 
 
 # ------------------------------------------------------------------------- collation

@@ -231,6 +231,15 @@ def test_label_pairs_moderate_beta_and_drops():
         R.label_pairs([P], ["great ."], [], [0.6], [], 1.0, 0)
 
 
+def test_label_pairs_carry_each_sides_truncation():
+    # huge beta: the higher gold wins; the flags follow their sample to the chosen / rejected side
+    args = ([P, P, P], ["great .", "bad", "fine ."], ["bad .", "great", "nice ."], [1.0, -1.0, 0.0], [-1.0, 1.0, 0.5])
+    rows, _ = R.label_pairs(*args, 1e6, 0, truncated_a=[True, True, False], truncated_b=[False, False, True])
+    assert [(r["chosen"], r["chosen_truncated"], r["rejected_truncated"]) for r in rows] == [
+        ("great .", True, False), ("great", False, True), ("nice .", True, False)]
+    assert "chosen_truncated" not in R.label_pairs(*args, 1e6, 0)[0][0]  # without the flags: the plain rows
+
+
 def test_label_pairs_drops_pairs_with_an_empty_response():
     rows, dropped = R.label_pairs(
         ["the soup was"] * 3, ["great .", "", "bad ."], ["bad .", "good .", " "], [0.6, -1.5, -0.5], [-0.5, 0.4, -1.5],

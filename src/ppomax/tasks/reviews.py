@@ -43,7 +43,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # transformers is heavy: import it only when a tokenizer is built
     from transformers import PreTrainedTokenizerFast
@@ -302,22 +302,27 @@ def label_pairs(
     gold_b: Sequence[float],
     beta: float,
     seed: int,
-) -> tuple[list[dict[str, str]], int]:
+    truncated_a: Sequence[bool] | None = None,
+    truncated_b: Sequence[bool] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     """Bradley-Terry preference labels from gold scores, like noisy human raters.
 
     Response a is preferred with probability ``sigmoid(beta * (gold_a - gold_b))``
     (``beta`` -> infinity: always the better one; ``beta = 0``: a coin flip). Pairs with
     identical responses carry no preference and are dropped; so are pairs with an empty side
     (a sample that was only EOS), which no preference-data format accepts as text. Returns
-    ``(rows, n_dropped)`` with rows ``{"prompt", "chosen", "rejected"}``.
+    ``(rows, n_dropped)`` with rows ``{"prompt", "chosen", "rejected"}``; with ``truncated_a`` /
+    ``truncated_b`` (whether each sample hit the length cap) also ``chosen_truncated`` and
+    ``rejected_truncated``, so that the ``rm`` stage gives a cut side no EOS.
     """
     n = len(prompts)
     if not (len(responses_a) == len(responses_b) == len(gold_a) == len(gold_b) == n):
         raise ValueError("prompts, responses and gold scores must have the same length")
     rng = random.Random(seed)
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     n_dropped = 0
-    for p, a, b, ga, gb in zip(prompts, responses_a, responses_b, gold_a, gold_b):
+    ta, tb = truncated_a or [False] * n, truncated_b or [False] * n
+    for p, a, b, ga, gb, cut_a, cut_b in zip(prompts, responses_a, responses_b, gold_a, gold_b, ta, tb):
         # Draw for every pair, so a pair's label does not depend on which others were dropped.
         a_wins = rng.random() < _sigmoid(beta * (ga - gb))
         if a.strip() == b.strip() or not a.strip() or not b.strip():  # as the preference loader compares them
@@ -325,4 +330,7 @@ def label_pairs(
             continue
         chosen, rejected = (a, b) if a_wins else (b, a)
         rows.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        if truncated_a is not None or truncated_b is not None:
+            rows[-1].update(chosen_truncated=bool(cut_a if a_wins else cut_b),
+                            rejected_truncated=bool(cut_b if a_wins else cut_a))
     return rows, n_dropped
