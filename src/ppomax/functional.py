@@ -242,15 +242,21 @@ def chunked_logprobs(
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from sampled tokens (a ~ π).
 
     - ``k1`` = log π − log π_ref: unbiased, can be negative per token.
     - ``k2`` = ½ (log π − log π_ref)²: biased, low variance, ≥ 0.
     - ``k3`` = (ρ − 1) − log ρ with ρ = π_ref/π: unbiased and ≥ 0
       (http://joschu.net/blog/kl-approx.html).
+
+    ``mask`` (B, T): the log-ratio is 0 outside it *before* the exponential (as in :func:`policy_loss`),
+    so a padding position's arbitrary log π cannot overflow k3 to inf (inf · 0 = NaN in a masked mean).
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask > 0, log_ratio, 0.0)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":

@@ -446,7 +446,7 @@ class PPOTrainer:
             ent = F.masked_mean(entropy, mb.mask, num_tokens=norm)
             loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else pg_loss
             if not cfg.kl_in_reward:  # GRPO's KL term: η · k3 estimate of KL(π_θ‖π_ref) in the loss
-                kl_loss = F.masked_mean(F.kl_penalty(logp, mb.ref_logprobs, "k3"), mb.mask, num_tokens=norm)
+                kl_loss = F.masked_mean(F.kl_penalty(logp, mb.ref_logprobs, "k3", mb.mask), mb.mask, num_tokens=norm)
                 loss = loss + self.kl_coef * kl_loss
                 stats["policy/kl_loss"] = kl_loss.item() / max(share, 1e-9)
             self._backward(loss, "policy loss")
