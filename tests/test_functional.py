@@ -198,6 +198,15 @@ def test_logprobs_and_entropy_from_logits():
     assert h.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
 
 
+def test_missing_eos_penalty_in_processed_units():
+    # r̃ = [0.8, −0.3, 0.8, −0.8] after Eq. 18; rows 2 and 3 have no EOS: 1.0 off each, whatever the clip did
+    r = torch.tensor([0.8, -0.3, 0.8, -0.8])
+    truncated = torch.tensor([False, False, True, True])
+    assert F.penalise_missing_eos(r, truncated, 1.0).tolist() == pytest.approx([0.8, -0.3, -0.2, -1.8])
+    assert torch.equal(F.penalise_missing_eos(r, truncated, None), r)  # off
+    assert torch.equal(F.penalise_missing_eos(r, torch.zeros(4, dtype=torch.bool), 1.0), r)  # every row ended
+
+
 def test_running_moments_match_full_history():
     rm = F.RunningMoments()
     chunks = [torch.randn(n, dtype=torch.float64) * 3 + 1 for n in (5, 1, 17, 40)]

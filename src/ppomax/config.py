@@ -228,9 +228,11 @@ class PPOConfig(LoraArgs, RunArgs):
         "and the first change of prompt/response length recompiles once (with dynamic shapes): for long runs.",
     )
     missing_eos_penalty: float | None = opt(
-        1.0, "Subtract this from the raw score of responses that hit the cap without EOS, before normalisation. The "
-        "reward model only saw responses ending in EOS; a truncated one is scored at a token it was never trained "
-        "on, which PPO can exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
+        1.0, "Subtract this from the processed score r̃ of responses that hit the cap without EOS: after the Eq. 18 "
+        "normalisation and clip (so in σ of the score history under PPO-max; raw units with vanilla's raw scores), "
+        "so that it holds at every score level; the running moments see the raw scores. The reward model only saw "
+        "responses ending in EOS; a truncated one is scored at a token it was never trained on, which PPO can "
+        "exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 = log π − log π_ref (can be < 0), k3 ≥ 0.", choices=("k1", "k2", "k3"))

@@ -508,6 +508,16 @@ def normalize_and_clip(scores: torch.Tensor, mean: float, std: float, clip: floa
     return out
 
 
+def penalise_missing_eos(processed: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """r̃ − penalty on responses without EOS (TRL's missing_eos_penalty), applied to the *processed* score:
+    after Eq. 18's normalisation and clip, in its units (σ of the score history under PPO-max). Applied to the
+    raw score instead, the clip to [−δ, δ] would give a truncated response above μ + δσ + penalty (or below
+    μ − δσ) the same r̃ as one that stopped. processed, truncated (B,) -> (B,); ``penalty=None``: off."""
+    if penalty is None:
+        return processed
+    return processed - penalty * truncated.to(processed.dtype)
+
+
 def scale_rewards(scores: torch.Tensor, std: float) -> torch.Tensor:
     """Reward scaling (Fig. 5 detail 4): r / σ_running, no shift."""
     return scores / max(std, 1e-8)

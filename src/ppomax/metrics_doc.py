@@ -20,7 +20,7 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "reward/truncated_mean": ("mean raw RM score of the responses that hit the length cap without EOS (logged when "
                               "there are any; the score is before missing_eos_penalty)",
                               "above reward/raw_mean: the RM rates unfinished text highly and PPO can exploit the cap"),
-    "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
+    "reward/processed_mean": ("mean reward fed to PPO (r̃): after normalisation, clipping and the missing-EOS penalty", "pinned at the clip bound"),
     "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
     "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
     "kl/ref": ("KL(π‖π_ref) per response on the sampled tokens (nats)", "rises steadily without levelling off"),

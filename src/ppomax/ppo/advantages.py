@@ -1,7 +1,7 @@
 """The advantage estimator, picked by name in this one place (PPOConfig.advantage_estimator).
 
-Input: the processed scores r̃ (B,) (after the missing-EOS penalty, normalisation and clipping of
-Eq. 18), the per-token KL estimate to π_ref (B, T), the response mask (B, T) and, for GAE, the
+Input: the processed scores r̃ (B,) (:func:`process_scores`: normalisation and clipping of Eq. 18,
+then the missing-EOS penalty), the per-token KL estimate to π_ref (B, T), the response mask (B, T) and, for GAE, the
 critic's values (B, T). The k samples of a prompt are contiguous rows (PPOConfig.num_samples_per_prompt).
 
 - ``gae`` (PPO-max): token rewards −η·KL_t with r̃ at the last token (Sec. 5.3.1), then GAE
@@ -23,21 +23,18 @@ from ppomax import functional as F
 from ppomax.config import PPOConfig
 
 
-def penalise_missing_eos(cfg: PPOConfig, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """Raw scores (B,) minus ``missing_eos_penalty`` on responses without EOS (the RM never saw one)."""
-    if cfg.missing_eos_penalty is None:
-        return scores.clone()
-    return scores - cfg.missing_eos_penalty * truncated.float()
-
-
-def normalize_scores(cfg: PPOConfig, scores: torch.Tensor, moments: F.RunningMoments) -> torch.Tensor:
-    """r̃ (B,): Eq. 18 normalisation with the running moments of every score so far and clipping to
-    [−δ, δ] (PPO-max), or scaling by the running std, or clipping alone, as the config says."""
+def process_scores(cfg: PPOConfig, scores: torch.Tensor, truncated: torch.Tensor,
+                   moments: F.RunningMoments) -> torch.Tensor:
+    """r̃ (B,) from the raw scores (B,): Eq. 18 normalisation with the running moments of every raw score so
+    far and clipping to [−δ, δ] (PPO-max), or scaling by the running std, or clipping alone, as the config
+    says; then ``missing_eos_penalty`` off the responses without EOS, in r̃'s units (docs/options.md: after
+    the clip, so that it holds at every score level; the moments never see it)."""
     if cfg.reward_normalize:
-        return F.normalize_and_clip(scores, moments.mean, moments.std, cfg.reward_clip)
-    if cfg.reward_scaling:
-        scores = F.scale_rewards(scores, moments.std)
-    return scores.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip is not None else scores
+        r = F.normalize_and_clip(scores, moments.mean, moments.std, cfg.reward_clip)
+    else:
+        r = F.scale_rewards(scores, moments.std) if cfg.reward_scaling else scores
+        r = r.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip is not None else r
+    return F.penalise_missing_eos(r, truncated, cfg.missing_eos_penalty)
 
 
 def estimate(cfg: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,

@@ -359,10 +359,10 @@ class PPOTrainer:
     def compute_advantages(self, exp: Experience) -> None:
         """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and the advantage estimator, in place."""
         cfg = self.cfg
-        penalised = advantages.penalise_missing_eos(cfg, exp.scores, exp.truncated)
-        # Running moments over every score seen so far (Eq. 18: μ, σ of the history).
-        self.score_moments.update(dist_lib.all_gather(penalised, self.dist))  # every rank's scores
-        exp.processed_scores = advantages.normalize_scores(cfg, penalised, self.score_moments)
+        # Running moments over every raw score seen so far (Eq. 18: μ, σ of the history), every rank's.
+        self.score_moments.update(dist_lib.all_gather(exp.scores, self.dist))
+        # r̃: normalised, clipped, then the missing-EOS penalty (in r̃'s units, after the clip)
+        exp.processed_scores = advantages.process_scores(cfg, exp.scores, exp.truncated, self.score_moments)
         exp.kl = F.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
         exp.rewards, exp.advantages, exp.returns = advantages.estimate(
             cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef)
