@@ -47,7 +47,9 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "eval/length": ("--eval_steps: mean held-out response length (tokens, EOS included)", "drifts to the cap"),
     "eval/truncated": ("--eval_steps: share of held-out responses that hit the cap without EOS", "climbs towards 1"),
     "eval/perplexity": ("--eval_steps: policy perplexity on its held-out samples", "falls towards 1"),
-    "skipped": ("1 when the update was skipped for a non-finite value (cause in skip_cause)", "repeated skips stop the run (max_consecutive_skips)"),
+    "skipped": ("share of the iteration's optimizer steps (mini-batches × epochs) skipped for a non-finite value, "
+                "logged when > 0; 1: the whole update was skipped (cause in skip_cause)",
+                "1 in max_consecutive_skips iterations in a row stops the run"),
     "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
     "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
     "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),

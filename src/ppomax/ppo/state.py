@@ -155,6 +155,22 @@ def rollback(tr) -> bool:
     return True
 
 
+def count_skipped_iteration(tr, cause: str) -> dict[str, Any]:
+    """Count an iteration whose update was skipped entirely (non-finite weights, scores or advantages, or
+    every mini-batch step skipped); ``max_consecutive_skips`` of them in a row stop the run with an error
+    naming the last good checkpoint. An iteration that applied any step resets the count (trainer.step)."""
+    from ppomax.errors import UserError
+
+    tr.consecutive_skips += 1
+    logger.warning("iteration %d: update skipped: %s (%d in a row)", tr.iteration, cause, tr.consecutive_skips)
+    if tr.consecutive_skips >= tr.cfg.max_consecutive_skips:
+        ckpts = ckpt_lib.list_checkpoints(tr.out)
+        last = f"The last good checkpoint, {ckpts[-1]}, is intact." if ckpts else "No checkpoint was written."
+        raise UserError(f"stopped after {tr.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
+                        f"{last}")
+    return {"skipped": 1.0, "skip_cause": cause}
+
+
 def open_run(tr):
     """Prepare the output dir and, with --resume_from, load the checkpoint to resume; return the metrics
     logger (rank 0; the other ranks get one that only reduces)."""

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from ppomax import checkpoint as ckpt_lib
 from ppomax import distributed as dist_lib
 from ppomax import functional as F
 from ppomax import sharding
@@ -255,9 +254,12 @@ class PPOTrainer:
         row["time/train"] = time.perf_counter() - t1
         row.update(stats)
         row = self._reduce_row(row)
-        if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move
-            self.score_moments.load_state_dict(moments)
-        elif train_policy:
+        if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move,
+            self.score_moments.load_state_dict(moments)  # and the iteration counts as skipped
+            row.update(self._skip(row["skip_cause"]))
+        else:
+            self.consecutive_skips = 0  # an iteration that applied an update ends a run of skipped ones
+        if self._applied_steps and train_policy:
             self.engine.sync(self.policy)  # the next rollout samples from the updated policy
             if self.kl_ctl is not None:
                 self.kl_ctl.update(row["kl/ref"], exp.scores.numel() * self.dist.world_size)
@@ -421,9 +423,11 @@ class PPOTrainer:
             if train_policy:
                 self.policy_sched.step()
         causes = acc.pop("skip_cause", [])
-        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}
+        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}  # `skipped`: the share of skipped steps
         if causes:
             out["skip_cause"] = "; ".join(dict.fromkeys(causes))
+        elif "skipped" in out:
+            del out["skipped"]
         out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
         if self.critic is not None:
             out["lr/critic"] = self.critic_sched.get_last_lr()[0]
@@ -514,13 +518,13 @@ class PPOTrainer:
             causes.append(f"non-finite gradient norm ({', '.join(bad)})")
         if not self._all_ranks(not causes) and not causes:
             causes.append("non-finite loss on another rank")
-        if causes:
-            stats.update(self._skip("; ".join(causes)))
+        if causes:  # this step only; the iteration counts as skipped when all its steps are (step())
+            logger.warning("iteration %d: mini-batch update skipped: %s", self.iteration, "; ".join(causes))
         else:
-            self.consecutive_skips = 0
             self._applied_steps += 1
             for _, _, opt in models:
                 opt.step()
+        stats.update(skipped=float(bool(causes)), **({"skip_cause": "; ".join(causes)} if causes else {}))
         for _, _, opt in models:
             opt.zero_grad(set_to_none=True)
         if not train_policy:
@@ -528,14 +532,8 @@ class PPOTrainer:
         return stats
 
     def _skip(self, cause: str) -> dict[str, float]:
-        self.consecutive_skips += 1
-        logger.warning("iteration %d: update skipped: %s (%d in a row)", self.iteration, cause, self.consecutive_skips)
-        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            ckpts = ckpt_lib.list_checkpoints(self.out)
-            last = f"The last good checkpoint, {ckpts[-1]}, is intact." if ckpts else "No checkpoint was written."
-            raise UserError(f"stopped after {self.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
-                            f"{last}")
-        return {"skipped": 1.0, "skip_cause": cause}
+        """A skipped iteration: counted; max_consecutive_skips in a row stop the run (ppo/state.py)."""
+        return run_state.count_skipped_iteration(self, cause)
 
     # =========================================================================================
     # Monitoring, gold metrics, samples
