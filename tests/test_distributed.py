@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ppomax import functional as F
 from ppomax.config import PPOConfig
 from ppomax.models import ScalarHeadModel, build_tiny_model
 
@@ -135,6 +136,75 @@ def test_two_processes_equal_one_process(setup, tmp_path, kw):
             for name in g1:
                 torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
     assert one["stats"]["grad_norm/policy"] > 0
+
+
+def _whitening_experience():
+    """8 responses of lengths 1-5 (T = 5); rows 0-3 (rank 0's half) score low, rows 4-7 high, so per-rank
+    moments differ from the global ones."""
+    from ppomax.ppo.rollout import Experience
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([5, 2, 4, 1, 3, 5, 2, 4])
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    B, T = mask.shape
+    return Experience(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+                      response_ids=torch.zeros(B, T, dtype=torch.long), mask=mask, truncated=torch.zeros(B, dtype=torch.bool),
+                      logprobs=-torch.rand(B, T, generator=g) * mask, ref_logprobs=-torch.rand(B, T, generator=g) * mask,
+                      values=torch.randn(B, T, generator=g) * mask,
+                      scores=torch.cat([torch.randn(4, generator=g), 3 + 2 * torch.randn(4, generator=g)]))
+
+
+WHITENING = {"reinforce_pp": dict(advantage_estimator="reinforce_pp"),
+             "whiten_rewards": dict(whiten_rewards=True, kl_coef=0.1)}
+
+
+def _advantages_on_rank(d) -> dict:
+    """PPOTrainer.compute_advantages on this rank's half of _whitening_experience (no models needed)."""
+    from types import SimpleNamespace
+
+    from ppomax import functional as F
+    from ppomax.ppo.trainer import PPOTrainer
+
+    out = {}
+    for name, kw in WHITENING.items():
+        cfg = PPOConfig.from_preset("ppo_max", **kw)
+        exp = _whitening_experience()
+        n = exp.scores.numel() // d.world_size
+        exp = exp.index(torch.arange(d.rank * n, (d.rank + 1) * n))
+        tr = SimpleNamespace(cfg=cfg, dist=d, score_moments=F.RunningMoments(), kl_coef=cfg.kl_coef)
+        PPOTrainer.compute_advantages(tr, exp)
+        out[name] = {"rewards": exp.rewards, "advantages": exp.advantages}
+    return out
+
+
+def _advantages_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.save(_advantages_on_rank(dist_lib.setup()), os.path.join(out, f"adv-{rank}.pt"))
+    dist_lib.shutdown()
+
+
+def test_batch_whitening_over_two_processes_equals_one_process(tmp_path):
+    """Issue 21 item 7: REINFORCE++ whitened its returns per rank (and --whiten_rewards its rewards), so a
+    2-process run differed from the 1-process update; both now use moments over every rank's tokens."""
+    from ppomax.distributed import Dist
+
+    one = _advantages_on_rank(Dist())
+    mp.start_processes(_advantages_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    two = [torch.load(tmp_path / f"adv-{r}.pt", weights_only=True) for r in range(2)]
+    for name in WHITENING:
+        for field in ("rewards", "advantages"):
+            joined = torch.cat([two[0][name][field], two[1][name][field]])
+            # before the fix: 'reinforce_pp advantages' (and the whitened rewards) differed: per-rank moments
+            torch.testing.assert_close(joined, one[name][field], rtol=1e-5, atol=1e-6, msg=f"{name} {field}")
+    mask = _whitening_experience().mask
+    adv = one["reinforce_pp"]["advantages"]  # whitened over the whole batch: mean 0, unbiased variance 1
+    assert F.masked_mean(adv, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert F.masked_var(adv, mask).item() == pytest.approx(1.0, rel=1e-5)
 
 
 def _launch_setup(tmp_path, num_layers: int) -> tuple[str, str, list[str]]:

@@ -48,6 +48,9 @@ def test_reinforce_pp_advantages_by_hand():
     sd = math.sqrt(0.1475 / 3)
     expect = torch.tensor([[0.075 / sd, 0.075 / sd, 0.175 / sd], [-0.325 / sd, 0.0, 0.0]])
     assert torch.allclose(F.reinforce_pp_advantages(rewards, mask), expect, atol=1e-5)
+    # the returns themselves, for a caller that whitens over several processes
+    G = torch.tensor([[0.9, 0.9, 1.0], [0.5, 0.0, 0.0]])
+    assert torch.allclose(F.reinforce_pp_advantages(rewards, mask, whiten_returns=False), G, atol=1e-6)
     # γ = 0.5: row 0 returns [0 + 0.5·0.4, −0.1 + 0.5·1, 1] = [0.2, 0.4, 1.0]
     g = torch.tensor([0.2, 0.4, 1.0, 0.5])
     z = (g - g.mean()) / g.std()

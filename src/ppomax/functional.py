@@ -356,17 +356,19 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - others).flatten()
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            whiten_returns: bool = True) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): token-level returns G_t = Σ_{s ≥ t} γ^{s−t} r_s of the (KL-shaped) token
     rewards, whitened over every response token of the batch (global, not per group, which is what
-    separates it from GRPO). rewards, mask (B, T) -> (B, T), zero outside the mask."""
+    separates it from GRPO). rewards, mask (B, T) -> (B, T), zero outside the mask.
+    ``whiten_returns=False`` returns G_t itself, for a caller that whitens over several processes."""
     rewards = rewards * mask  # right-padded: past a response's end the rewards are 0, so G stays 0 there
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    return whiten(returns * mask, mask)
+    return whiten(returns * mask, mask) if whiten_returns else returns * mask
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ppomax import distributed as dist_lib
 from ppomax import functional as F
 from ppomax.config import PPOConfig
 
@@ -38,19 +39,23 @@ def process_scores(cfg: PPOConfig, scores: torch.Tensor, truncated: torch.Tensor
 
 
 def estimate(cfg: PPOConfig, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-             values: torch.Tensor | None, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             values: torch.Tensor | None, kl_coef: float,
+             d: dist_lib.Dist | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token rewards (B, T), advantages Â (B, T), returns (B, T)); critic-free estimators return Â as
-    the returns (there is no value target)."""
+    the returns (there is no value target). Batch whitening (``whiten_rewards``, REINFORCE++) takes its
+    moments over every rank's tokens (``d``), so N processes compute the one-process batch's values."""
+    d = d if d is not None else dist_lib.Dist()  # one process
     eta = kl_coef if cfg.kl_in_reward else 0.0
     rewards = F.shape_rewards(scores, kl, mask, eta)
-    if cfg.whiten_rewards:
-        rewards = F.whiten(rewards, mask, shift_mean=False)
+    if cfg.whiten_rewards:  # unit variance, mean kept (F.whiten's shift_mean=False), over all ranks
+        s = dist_lib.all_reduce_sum(torch.stack([(rewards * mask).sum(), mask.sum()]).double(), d)
+        rewards = dist_lib.whiten(rewards, mask, d) + (s[0] / s[1].clamp(min=1.0)).to(rewards.dtype) * mask
     est = cfg.advantage_estimator
     if est == "gae":
         advantages, returns = F.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         return rewards, advantages, returns
     if est == "reinforce_pp":
-        advantages = F.reinforce_pp_advantages(rewards, mask, cfg.gamma)
+        advantages = dist_lib.whiten(F.reinforce_pp_advantages(rewards, mask, cfg.gamma, whiten_returns=False), mask, d)
         return rewards, advantages, advantages
     seq_reward = F.masked_sum(rewards, mask, dim=-1)  # r̃ − η·Σ_t KL_t (rewards are 0 off the mask)
     k = cfg.num_samples_per_prompt

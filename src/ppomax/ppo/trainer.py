@@ -367,7 +367,7 @@ class PPOTrainer:
         exp.processed_scores = advantages.process_scores(cfg, exp.scores, exp.truncated, self.score_moments)
         exp.kl = F.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
         exp.rewards, exp.advantages, exp.returns = advantages.estimate(
-            cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef)
+            cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef, self.dist)
 
     # =========================================================================================
     # Update
