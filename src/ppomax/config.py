@@ -305,7 +305,8 @@ class PPOConfig(LoraArgs, RunArgs):
         None, "Keep the checkpoint with the best value of this eval metric in <output_dir>/best (rm_reward, gold, kl, "
         "length, truncated, perplexity; 'eval/' prefix optional). Needs --eval_steps.")
     greater_is_better: bool | None = opt(
-        None, "Whether a larger metric_for_best_model is better (default: yes, except kl, length, truncated, perplexity).")
+        None, "Whether a larger metric_for_best_model is better (default: yes, except kl and truncated; length and "
+        "perplexity have no default: both directions can pick a collapsed or degenerate policy, say which you mean).")
     load_best_model_at_end: bool = opt(False, "Load the best checkpoint's weights when training ends (needs metric_for_best_model).")
     max_consecutive_skips: int = opt(3, "Stop after this many consecutive updates skipped for non-finite values.", ge=1)
     collapse_guard: str = opt(
@@ -343,11 +344,15 @@ class PPOConfig(LoraArgs, RunArgs):
                              f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
                              f"--advantage_estimator gae)")
         if self.metric_for_best_model is not None:
-            from ppomax.ppo.evaluation import EVAL_METRICS, metric_key
+            from ppomax.ppo.evaluation import EVAL_METRICS, NEEDS_DIRECTION, metric_key
 
-            check(metric_key(self.metric_for_best_model) in EVAL_METRICS,
-                  f"{n}.metric_for_best_model = {self.metric_for_best_model!r} is not an eval metric: allowed "
+            m = self.metric_for_best_model
+            check(metric_key(m) in EVAL_METRICS, f"{n}.metric_for_best_model = {m!r} is not an eval metric: allowed "
                   f"{', '.join(EVAL_METRICS)} (optionally as eval/<name>)")
+            check(self.greater_is_better is not None or metric_key(m) not in NEEDS_DIRECTION,
+                  f"{n}.metric_for_best_model = {m!r} needs an explicit --greater_is_better true|false: on the policy's "
+                  f"own samples a falling perplexity and a growing length are collapse signs (docs/metrics.md), and "
+                  f"the other direction favours an untrained or degenerate policy, so there is no safe default")
             check(self.eval_steps is not None, f"{n}.metric_for_best_model needs --eval_steps N (evaluations to compare)")
         check(not self.load_best_model_at_end or self.metric_for_best_model is not None,
               f"{n}.load_best_model_at_end needs --metric_for_best_model (which checkpoint is best)")

@@ -58,8 +58,9 @@ def _trained(tr) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -> Path | None:
-    """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to
-    save_total_limit); None (and a warning) when a model holds NaN/inf weights."""
+    """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to the config's
+    save_total_limit; elsewhere to ``save_total_limit``, None: no rotation); None (and a warning) when a
+    model holds NaN/inf weights."""
     bad = nonfinite_weights(tr)
     if bad:
         logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
@@ -74,11 +75,16 @@ def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -
     if not tr.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
         dist_lib.barrier(tr.dist)
         return run_dir / f"checkpoint-{tr.iteration}"
+    periodic = run_dir == tr.out
     path = ckpt_lib.save_checkpoint(
         run_dir, tr.iteration, models, opts, state_dict(tr),
-        tokenizer=tr.tokenizer, save_total_limit=save_total_limit or tr.cfg.save_total_limit,
-        keep=(tr.last_healthy,) if tr.last_healthy else (), rank_rng=rank_rng,
+        tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit if periodic else save_total_limit,
+        keep=(tr.last_healthy,) if tr.last_healthy and periodic else (), rank_rng=rank_rng,
     )
+    if periodic and tr.best is not None:  # rotation may have removed the last record of an older best
+        from ppomax.ppo.evaluation import prune_best
+
+        prune_best(tr)
     dist_lib.barrier(tr.dist)
     return path
 
@@ -190,6 +196,10 @@ def open_run(tr):
             truncate_jsonl(samples, tr.iteration)
     elif main:
         samples.unlink(missing_ok=True)
+    if tr.best is not None:  # best/ agrees with the loaded tracker (ppo/evaluation.py)
+        from ppomax.ppo.evaluation import reconcile_best
+
+        reconcile_best(tr, resume_ckpt)
     if not main:
         return RankMetrics()
     return MetricsLogger(tr.out, cfg.report_to, resume_step=tr.iteration if resume_ckpt else None)

@@ -187,7 +187,7 @@ class PPOTrainer:
                 row = self.step(train_policy=not pretrain)
                 row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
                            ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
-                improved = not pretrain and self._evaluate(row)  # --eval_steps: eval/* into the row
+                improved = not pretrain and evaluation.evaluate_step(self, row)  # --eval_steps: eval/* into the row
                 action = self._collapse_check(row, pretrain)  # before logging: the row carries `collapse`
                 if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
                     self.metrics.log(row)
@@ -200,28 +200,18 @@ class PPOTrainer:
                     raise CollapseStop(f"collapse guard stopped the run at iteration {self.iteration}: "
                                        f"{'; '.join(row['collapse'])} "
                                        + (f"(state saved in {saved})" if saved else "(not saved: non-finite weights)"))
+                # the tracker takes the value (not for rolled-back weights) before the periodic save records it
+                improved = improved and evaluation.commit_best(self, row, action)
                 if self.iteration % cfg.save_steps == 0 or self.iteration == self.total_iterations:
                     self._save(healthy=not row.get("collapse"))
                 if improved:  # after the periodic save: best/ and checkpoint-N never replace each other
-                    evaluation.save_best(self, row[self.best.key])
+                    evaluation.save_best(self)
             if cfg.load_best_model_at_end:
                 evaluation.load_best(self)
         finally:
             bar.close()
             self.metrics.close()
         return self.metrics.rows
-
-    def _evaluate(self, row: dict) -> bool:
-        """Every eval_steps PPO iterations (and at the last): eval/* metrics into ``row``; True when
-        they improve metric_for_best_model (the tracker is updated, the caller saves best/)."""
-        if self.eval_prompt_ids is None or not (row["ppo_step"] % self.cfg.eval_steps == 0
-                                                or self.iteration == self.total_iterations):
-            return False
-        row.update(evaluation.evaluate(self, self.eval_prompt_ids))
-        if self.best is None or not self.best.improves(row[self.best.key]):
-            return False
-        self.best.value, self.best.step = row[self.best.key], self.iteration
-        return True
 
     def step(self, train_policy: bool = True) -> dict[str, float]:
         """One iteration: experience → advantages → update. Returns the metric row."""
