@@ -507,14 +507,26 @@ def _vllm_sync_weights_worker(rank: int, world: int, port: int, model_dir: str, 
     trainer = PPOTrainer(_config(model_dir, out, sharding="zero3", **kw), prompts=PROMPTS, reward_fn=n_words)
     assert sharding.is_sharded(trainer.policy)
     trainer.step()  # the weights moved: the sync must carry the updated (and, with LoRA, merged) weights
-    pushed = dict(merged_weights(trainer.policy))
+    from torch.distributed.tensor import DTensor
+
+    real_full, gathers = DTensor.full_tensor, []
+
+    def counted(self, *a, **k):
+        gathers.append(1)
+        return real_full(self, *a, **k)
+
+    DTensor.full_tensor = counted  # a second all-gather per tensor, after FSDP's own unshard
+    try:
+        pushed = dict(merged_weights(trainer.policy))
+    finally:
+        DTensor.full_tensor = real_full
     gathered = sharding.GatheredModel(trainer.policy)  # the checkpoint path's gather, independent of the sync's
     if rank == 0:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             gathered.save_pretrained(d)
-            torch.save({"pushed": pushed}, os.path.join(out, "pushed.pt"))
+            torch.save({"pushed": pushed, "full_tensor_calls": len(gathers)}, os.path.join(out, "pushed.pt"))
             import shutil
 
             shutil.copytree(d, os.path.join(out, "policy"))
@@ -535,7 +547,11 @@ def test_vllm_sync_gathers_a_sharded_policy(setup, tmp_path, kw):
     out.mkdir()
     mp.start_processes(_vllm_sync_weights_worker, args=(2, _free_port(), model_dir, str(out), kw), nprocs=2,
                        join=True, start_method="spawn")
-    pushed = torch.load(out / "pushed.pt", weights_only=True)["pushed"]
+    result = torch.load(out / "pushed.pt", weights_only=True)
+    pushed = result["pushed"]
+    # issue 21 item 9: the sync gathered each unit (sharding.gathered), then state_dict() re-sharded it and every
+    # tensor was all-gathered again (before the fix: a full_tensor() per tensor, 17 without LoRA)
+    assert result["full_tensor_calls"] == 0
     saved = load_causal_lm(out / "policy").state_dict()  # a LoRA checkpoint loads merged (load_merged_lora)
     start = load_causal_lm(model_dir).state_dict()
     assert set(saved) <= set(pushed), sorted(set(saved) - set(pushed))[:3]
