@@ -230,3 +230,58 @@ def test_bad_vllm_settings_are_clear_errors_before_training(models, tmp_path, ca
         PPOTrainer(cfg, policy=policy, ref_policy=models.ref, critic=copy.deepcopy(models.critic),
                    tokenizer=models.tokenizer, prompts=PROMPTS, reward_fn=share_of_the)
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained, nothing written
+
+
+def _user_peft(policy, **kw):
+    """A user-built peft policy (issue 21 item 9): DoRA adapters and a modules_to_save copy of the final norm,
+    all moved away from the base weights as after training."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **kw))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return peft.eval()
+
+
+@needs_vllm
+def test_user_peft_policy_with_dora_and_modules_to_save_is_served_exactly(models, tmp_path):
+    """Before the fix vLLM served W + ΔW without the DoRA magnitudes and the original norm instead of the
+    modules_to_save copy: its log-probs were those of another policy."""
+    from ppomax.engines import Sampling
+    from ppomax.engines.vllm import VLLMEngine
+
+    policy = _user_peft(copy.deepcopy(models.policy), target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+                        modules_to_save=["model.norm"])
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": models.sft, "output_dir": str(tmp_path)})
+    eng = VLLMEngine(cfg, policy, models.tokenizer)
+    try:
+        p_ids, p_mask = prompt_batch(models)
+        gen = eng.generate(p_ids, p_mask, Sampling(12, (models.tokenizer.eos_token_id,), models.tokenizer.pad_token_id),
+                           return_logprobs=True)
+    finally:
+        eng.close()
+    gap = max_gap(gen.logprobs, trainer_logprobs(policy, p_ids, p_mask, gen, 1.0), gen.mask)
+    with policy.disable_adapter():
+        base_gap = max_gap(gen.logprobs, trainer_logprobs(policy, p_ids, p_mask, gen, 1.0), gen.mask)
+    assert gap < TOL and base_gap > 1e-3, (gap, base_gap)
+
+
+@needs_vllm
+def test_unmergeable_peft_policy_is_refused_before_vllm_starts(models, tmp_path, monkeypatch):
+    import vllm
+    from peft import IA3Config, get_peft_model
+
+    from ppomax.engines.vllm import VLLMEngine
+
+    started = []
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: started.append(1))
+    policy = get_peft_model(copy.deepcopy(models.policy), IA3Config(target_modules=["v_proj", "down_proj"],
+                                                                   feedforward_modules=["down_proj"]))
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": models.sft, "output_dir": str(tmp_path)})
+    with pytest.raises(UserError, match=r"is a Linear adapter \(only LoRA and DoRA are merged for vLLM\)"):
+        VLLMEngine(cfg, policy, models.tokenizer)
+    assert not started
