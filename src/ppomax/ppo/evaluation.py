@@ -225,7 +225,7 @@ def reconcile_best(tr, resumed: Path | None) -> None:
         if s is not None and not (path / "COMPLETE").exists():
             # a crash between the periodic save of step s and save_best, or a best since replaced: the
             # periodic checkpoint of step s holds the same state (written from it just before save_best)
-            src = resumed if resumed is not None and ckpt_lib.checkpoint_step(resumed) == s else tr.out / f"checkpoint-{s}"
+            src = resumed if resumed is not None and resumed.name == path.name else tr.out / path.name
             if (src / "COMPLETE").exists():
                 logger.warning("best checkpoint of step %d missing: restoring it from %s", s, src)
                 ckpt_lib.copy_checkpoint(src, best_dir)
@@ -235,8 +235,7 @@ def reconcile_best(tr, resumed: Path | None) -> None:
                                tr.best.key, tr.best.value)
                 lost = 1.0
         if s is not None and not lost:
-            if best_checkpoint(tr.out) != path:
-                write_best_json(tr, path)
+            write_best_json(tr, path)  # names the tracker's best (a crash may have left the previous one)
         else:
             (best_dir / "best.json").unlink(missing_ok=True)
     if dist_lib.reduce_floats({"lost": lost}, tr.dist, "max")["lost"]:  # rank 0's decision, on every rank
