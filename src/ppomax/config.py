@@ -228,10 +228,8 @@ class PPOConfig(LoraArgs, RunArgs):
         "and the first change of prompt/response length recompiles once (with dynamic shapes): for long runs.",
     )
     missing_eos_penalty: float | None = opt(
-        1.0, "Subtract this from the processed score r̃ of responses that hit the cap without EOS: after the Eq. 18 "
-        "normalisation and clip (so in σ of the score history under PPO-max; raw units with vanilla's raw scores), "
-        "so that it holds at every score level; the running moments see the raw scores. The reward model only saw "
-        "responses ending in EOS; a truncated one is scored at a token it was never trained on, which PPO can "
+        1.0, "Subtract this from r̃ of responses that hit the cap without EOS, after the Eq. 18 normalisation and clip "
+        "(σ units under PPO-max; the moments see raw scores): the RM never saw a truncated response, which PPO can "
         "exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
@@ -305,8 +303,7 @@ class PPOConfig(LoraArgs, RunArgs):
         None, "Keep the checkpoint with the best value of this eval metric in <output_dir>/best (rm_reward, gold, kl, "
         "length, truncated, perplexity; 'eval/' prefix optional). Needs --eval_steps.")
     greater_is_better: bool | None = opt(
-        None, "Whether a larger metric_for_best_model is better (default: yes, except kl and truncated; length and "
-        "perplexity have no default: both directions can pick a collapsed or degenerate policy, say which you mean).")
+        None, "Whether a larger metric_for_best_model is better (default: yes, except kl, truncated; length, perplexity: required).")
     load_best_model_at_end: bool = opt(False, "Load the best checkpoint's weights when training ends (needs metric_for_best_model).")
     max_consecutive_skips: int = opt(3, "Stop after this many consecutive updates skipped for non-finite values.", ge=1)
     collapse_guard: str = opt(
@@ -344,16 +341,9 @@ class PPOConfig(LoraArgs, RunArgs):
                              f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
                              f"--advantage_estimator gae)")
         if self.metric_for_best_model is not None:
-            from ppomax.ppo.evaluation import EVAL_METRICS, NEEDS_DIRECTION, metric_key
+            from ppomax.ppo.evaluation import check_best_model_settings
 
-            m = self.metric_for_best_model
-            check(metric_key(m) in EVAL_METRICS, f"{n}.metric_for_best_model = {m!r} is not an eval metric: allowed "
-                  f"{', '.join(EVAL_METRICS)} (optionally as eval/<name>)")
-            check(self.greater_is_better is not None or metric_key(m) not in NEEDS_DIRECTION,
-                  f"{n}.metric_for_best_model = {m!r} needs an explicit --greater_is_better true|false: on the policy's "
-                  f"own samples a falling perplexity and a growing length are collapse signs (docs/metrics.md), and "
-                  f"the other direction favours an untrained or degenerate policy, so there is no safe default")
-            check(self.eval_steps is not None, f"{n}.metric_for_best_model needs --eval_steps N (evaluations to compare)")
+            check_best_model_settings(self)  # metric name, direction, --eval_steps
         check(not self.load_best_model_at_end or self.metric_for_best_model is not None,
               f"{n}.load_best_model_at_end needs --metric_for_best_model (which checkpoint is best)")
         # The ratio π_θ/π_old and the KL to π_ref score sampled tokens under the full softmax at the sampling

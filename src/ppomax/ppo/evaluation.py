@@ -67,6 +67,20 @@ def greater_is_better(metric: str, setting: bool | None) -> bool:
     return metric_key(metric) not in LOWER_IS_BETTER
 
 
+def check_best_model_settings(cfg) -> None:
+    """PPOConfig's checks of ``metric_for_best_model`` (a ConfigError naming the field, before any model loads)."""
+    from ppomax.fields import check
+
+    n, m, key = type(cfg).__name__, cfg.metric_for_best_model, metric_key(cfg.metric_for_best_model)
+    check(key in EVAL_METRICS, f"{n}.metric_for_best_model = {m!r} is not an eval metric: allowed "
+          f"{', '.join(EVAL_METRICS)} (optionally as eval/<name>)")
+    check(cfg.greater_is_better is not None or key not in NEEDS_DIRECTION,
+          f"{n}.metric_for_best_model = {m!r} needs an explicit --greater_is_better true|false: on the policy's own "
+          f"samples a falling perplexity and a growing length are collapse signs (docs/metrics.md), and the other "
+          f"direction favours an untrained or degenerate policy, so there is no safe default (docs/options.md)")
+    check(cfg.eval_steps is not None, f"{n}.metric_for_best_model needs --eval_steps N (evaluations to compare)")
+
+
 class BestTracker:
     """The best value of ``eval/<metric>`` seen so far and its iteration (saved in the run state)."""
 
