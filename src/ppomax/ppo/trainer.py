@@ -246,7 +246,7 @@ class PPOTrainer:
         row = self._reduce_row(row)
         if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move,
             self.score_moments.load_state_dict(moments)  # and the iteration counts as skipped
-            row.update(self._skip(row["skip_cause"]))
+            row.update(self._skip(row.get("skip_cause", "no optimizer step applied")))
         else:
             self.consecutive_skips = 0  # an iteration that applied an update ends a run of skipped ones
         if self._applied_steps and train_policy:
