@@ -302,7 +302,7 @@ def test_missing_eos_penalty_survives_the_clip_at_every_score_level(tiny, tmp_pa
     exp = experience(levels + levels, [False] * 7 + [True] * 7)
     tr.compute_advantages(exp)
     eos, trunc = exp.processed_scores[:7], exp.processed_scores[7:]
-    assert (trunc < eos).all(), (eos, trunc)  # before the fix: equal at −6, −1.2 (clipped low) and 6 (clipped high)
+    assert (trunc < eos).all(), (eos, trunc)  # before the fix: equal at −6 and 6 (both clipped to ∓0.8)
     raw = torch.tensor(history + levels + levels, dtype=torch.float64)  # the moments hold raw scores only
     mu, sigma = raw.mean().item(), raw.std(unbiased=False).item()
     assert (tr.score_moments.mean, tr.score_moments.std) == pytest.approx((mu, sigma), rel=1e-6)
