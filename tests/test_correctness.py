@@ -285,9 +285,43 @@ def test_truncated_mean_is_logged_and_ppo_max_penalises_a_missing_eos(tiny, tmp_
     assert tr._last_exp.truncated.tolist() == [False, True, False, True]
     assert row["reward/truncated_mean"] == pytest.approx(raw[[1, 3]].mean().item())
     assert row["response/truncated_frac"] == 0.5
-    # the penalty is subtracted from the raw scores of the truncated rows, before normalisation
-    penalised = raw - 1.0 * torch.tensor([0.0, 1.0, 0.0, 1.0], device=raw.device)
-    assert tr.score_moments.mean == pytest.approx(penalised.mean().item(), abs=1e-6)
+    # the running moments see the raw scores; the penalty is 1.0 off r̃ after normalisation and clipping
+    assert tr.score_moments.mean == pytest.approx(raw.mean().item(), abs=1e-6)  # before issue 21: the penalised mean
+    eos_like = ((raw - raw.mean()) / raw.std(unbiased=False)).clamp(-0.8, 0.8)
+    expect = eos_like - torch.tensor([0.0, 1.0, 0.0, 1.0], device=raw.device)
+    assert tr._last_exp.processed_scores.tolist() == pytest.approx(expect.tolist(), abs=1e-5)
+
+
+def experience(scores: list[float], truncated: list[bool], device) -> R.Experience:
+    """B hand-made responses of 2 tokens each (log-probs, values 0) on ``device``: only the scores matter here."""
+    B = len(scores)
+    z = torch.zeros(B, 2, device=device)
+    long = dict(dtype=torch.long, device=device)
+    return R.Experience(prompt_ids=torch.zeros(B, 2, **long), prompt_mask=torch.ones(B, 2, **long),
+                        response_ids=torch.zeros(B, 2, **long), mask=torch.ones(B, 2, device=device),
+                        truncated=torch.tensor(truncated, device=device), logprobs=z, ref_logprobs=z, values=z,
+                        scores=torch.tensor(scores, device=device))
+
+
+def test_missing_eos_penalty_survives_the_clip_at_every_score_level(tiny, tmp_path):
+    """Issue 21 item 3: the penalty was subtracted from the raw score before Eq. 18's clip to [−δ, δ], so a
+    truncated response scoring above μ + δσ + penalty (or below μ − δσ) got the same r̃ as one that stopped, and
+    the penalised scores moved the running moments. Now: r̃ = clip((r − μ)/σ, ±δ) − penalty, μ/σ of raw scores."""
+    tr = trainer(tiny, tmp_path)  # ppo_max: normalisation, δ = 0.8, missing_eos_penalty 1.0
+    history = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    tr.compute_advantages(experience(history, [False] * 5, tr.device))
+    levels = [-6.0, -1.2, -0.5, 0.0, 0.5, 1.2, 6.0]  # below μ − δσ, inside, above μ + δσ (+ penalty)
+    exp = experience(levels + levels, [False] * 7 + [True] * 7, tr.device)
+    tr.compute_advantages(exp)
+    eos, trunc = exp.processed_scores[:7], exp.processed_scores[7:]
+    assert (trunc < eos).all(), (eos, trunc)  # before the fix: equal at −6 and 6 (both clipped to ∓0.8)
+    raw = torch.tensor(history + levels + levels, dtype=torch.float64)  # the moments hold raw scores only
+    mu, sigma = raw.mean().item(), raw.std(unbiased=False).item()
+    assert (tr.score_moments.mean, tr.score_moments.std) == pytest.approx((mu, sigma), rel=1e-6)
+    expect = ((torch.tensor(levels, dtype=torch.float64) - mu) / sigma).clamp(-0.8, 0.8)
+    assert eos.tolist() == pytest.approx(expect.tolist(), abs=1e-6)
+    assert trunc.tolist() == pytest.approx((expect - 1.0).tolist(), abs=1e-6)
+    assert torch.equal(exp.scores.cpu(), torch.tensor(levels + levels))  # the raw scores (logged) are untouched
 
 
 def test_metrics_jsonl_has_truncated_mean_only_when_some_response_is_truncated(tiny, tmp_path):

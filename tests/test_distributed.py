@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ppomax import functional as F
 from ppomax.config import PPOConfig
 from ppomax.models import ScalarHeadModel, build_tiny_model
 
@@ -184,6 +185,111 @@ def test_two_processes_equal_one_process(setup, tmp_path, kw):
             for name in g1:
                 torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=f"{model}.{name}")
     assert one["stats"]["grad_norm/policy"] > 0
+
+
+def _whitening_experience():
+    """8 responses of lengths 1-5 (T = 5); rows 0-3 (rank 0's half) score low, rows 4-7 high, so per-rank
+    moments differ from the global ones."""
+    from ppomax.ppo.rollout import Experience
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([5, 2, 4, 1, 3, 5, 2, 4])
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    B, T = mask.shape
+    return Experience(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+                      response_ids=torch.zeros(B, T, dtype=torch.long), mask=mask, truncated=torch.zeros(B, dtype=torch.bool),
+                      logprobs=-torch.rand(B, T, generator=g) * mask, ref_logprobs=-torch.rand(B, T, generator=g) * mask,
+                      values=torch.randn(B, T, generator=g) * mask,
+                      scores=torch.cat([torch.randn(4, generator=g), 3 + 2 * torch.randn(4, generator=g)]))
+
+
+WHITENING = {"reinforce_pp": dict(advantage_estimator="reinforce_pp"),
+             "whiten_rewards": dict(whiten_rewards=True, kl_coef=0.1)}
+
+
+def _advantages_on_rank(d) -> dict:
+    """PPOTrainer.compute_advantages on this rank's half of _whitening_experience (no models needed)."""
+    from types import SimpleNamespace
+
+    from ppomax import functional as F
+    from ppomax.ppo.trainer import PPOTrainer
+
+    out = {}
+    for name, kw in WHITENING.items():
+        cfg = PPOConfig.from_preset("ppo_max", **kw)
+        exp = _whitening_experience()
+        n = exp.scores.numel() // d.world_size
+        exp = exp.index(torch.arange(d.rank * n, (d.rank + 1) * n))
+        tr = SimpleNamespace(cfg=cfg, dist=d, score_moments=F.RunningMoments(), kl_coef=cfg.kl_coef)
+        PPOTrainer.compute_advantages(tr, exp)
+        out[name] = {"rewards": exp.rewards, "advantages": exp.advantages}
+    return out
+
+
+def _advantages_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.save(_advantages_on_rank(dist_lib.setup()), os.path.join(out, f"adv-{rank}.pt"))
+    dist_lib.shutdown()
+
+
+def test_batch_whitening_over_two_processes_equals_one_process(tmp_path):
+    """Issue 21 item 7: REINFORCE++ whitened its returns per rank (and --whiten_rewards its rewards), so a
+    2-process run differed from the 1-process update; both now use moments over every rank's tokens."""
+    from ppomax.distributed import Dist
+
+    one = _advantages_on_rank(Dist())
+    mp.start_processes(_advantages_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    two = [torch.load(tmp_path / f"adv-{r}.pt", weights_only=True) for r in range(2)]
+    for name in WHITENING:
+        for field in ("rewards", "advantages"):
+            joined = torch.cat([two[0][name][field], two[1][name][field]])
+            # before the fix: 'reinforce_pp advantages' (and the whitened rewards) differed: per-rank moments
+            torch.testing.assert_close(joined, one[name][field], rtol=1e-5, atol=1e-6, msg=f"{name} {field}")
+    mask = _whitening_experience().mask
+    adv = one["reinforce_pp"]["advantages"]  # whitened over the whole batch: mean 0, unbiased variance 1
+    assert F.masked_mean(adv, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert F.masked_var(adv, mask).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def _rank_row(rank: int) -> dict:
+    """Rank 0 of 8 responses has 2 truncated ones (mean raw score 1.0), rank 1 none: only rank 0 logs
+    reward/truncated_mean, as experience_metrics does."""
+    row = {"reward/raw_mean": [0.5, 1.5][rank], "response/truncated_frac": [0.25, 0.0][rank],
+           "rollout/logprob_gap_max": [0.1, 0.3][rank], "skip_cause": "x"}
+    if rank == 0:
+        row["reward/truncated_mean"] = 1.0
+    return row
+
+
+def _reduce_row_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+    from ppomax.ppo.monitors import reduce_row
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    d = dist_lib.setup()
+    with open(os.path.join(out, f"row-{rank}.json"), "w") as fh:
+        json.dump(reduce_row(_rank_row(rank), d), fh)
+    dist_lib.shutdown()
+
+
+def test_row_metrics_that_only_some_ranks_log_are_reduced_without_a_collective_mismatch(tmp_path):
+    """Issue 21 (found with item 8): reward/truncated_mean exists only on a rank with truncated responses, and
+    the row's all-reduce took each rank's own keys: 33 floats against 32, a gloo abort ('Received data size
+    doesn't match'). Now every rank reduces the same keys, each over the ranks that logged it."""
+    mp.start_processes(_reduce_row_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    rows = [json.loads((tmp_path / f"row-{r}.json").read_text()) for r in range(2)]
+    assert rows[0] == rows[1]
+    row = rows[0]
+    assert row["reward/raw_mean"] == 1.0 and row["response/truncated_frac"] == 0.125
+    assert row["reward/truncated_mean"] == 1.0  # the mean over every truncated response (all on rank 0)
+    assert row["rollout/logprob_gap_max"] == 0.3 and row["skip_cause"] == "x"
 
 
 def _launch_setup(tmp_path, num_layers: int) -> tuple[str, str, list[str]]:
@@ -486,14 +592,26 @@ def _vllm_sync_weights_worker(rank: int, world: int, port: int, model_dir: str, 
     trainer = PPOTrainer(_config(model_dir, out, sharding="zero3", **kw), prompts=PROMPTS, reward_fn=n_words)
     assert sharding.is_sharded(trainer.policy)
     trainer.step()  # the weights moved: the sync must carry the updated (and, with LoRA, merged) weights
-    pushed = dict(merged_weights(trainer.policy))
+    from torch.distributed.tensor import DTensor
+
+    real_full, gathers = DTensor.full_tensor, []
+
+    def counted(self, *a, **k):
+        gathers.append(1)
+        return real_full(self, *a, **k)
+
+    DTensor.full_tensor = counted  # a second all-gather per tensor, after FSDP's own unshard
+    try:
+        pushed = dict(merged_weights(trainer.policy))
+    finally:
+        DTensor.full_tensor = real_full
     gathered = sharding.GatheredModel(trainer.policy)  # the checkpoint path's gather, independent of the sync's
     if rank == 0:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             gathered.save_pretrained(d)
-            torch.save({"pushed": _cpu(pushed)}, os.path.join(out, "pushed.pt"))
+            torch.save({"pushed": _cpu(pushed), "full_tensor_calls": len(gathers)}, os.path.join(out, "pushed.pt"))
             import shutil
 
             shutil.copytree(d, os.path.join(out, "policy"))
@@ -514,7 +632,11 @@ def test_vllm_sync_gathers_a_sharded_policy(setup, tmp_path, kw):
     out.mkdir()
     mp.start_processes(_vllm_sync_weights_worker, args=(2, _free_port(), model_dir, str(out), kw), nprocs=2,
                        join=True, start_method="spawn")
-    pushed = torch.load(out / "pushed.pt", weights_only=True)["pushed"]
+    result = torch.load(out / "pushed.pt", weights_only=True)
+    pushed = result["pushed"]
+    # issue 21 item 9: the sync gathered each unit (sharding.gathered), then state_dict() re-sharded it and every
+    # tensor was all-gathered again (before the fix: 12 full_tensor() calls here, 16 with LoRA)
+    assert result["full_tensor_calls"] == 0
     saved = load_causal_lm(out / "policy").state_dict()  # a LoRA checkpoint loads merged (load_merged_lora)
     start = load_causal_lm(model_dir).state_dict()
     assert set(saved) <= set(pushed), sorted(set(saved) - set(pushed))[:3]

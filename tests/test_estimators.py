@@ -48,6 +48,9 @@ def test_reinforce_pp_advantages_by_hand():
     sd = math.sqrt(0.1475 / 3)
     expect = torch.tensor([[0.075 / sd, 0.075 / sd, 0.175 / sd], [-0.325 / sd, 0.0, 0.0]])
     assert torch.allclose(F.reinforce_pp_advantages(rewards, mask), expect, atol=1e-5)
+    # the returns themselves, for a caller that whitens over several processes
+    G = torch.tensor([[0.9, 0.9, 1.0], [0.5, 0.0, 0.0]])
+    assert torch.allclose(F.reinforce_pp_advantages(rewards, mask, whiten_returns=False), G, atol=1e-6)
     # γ = 0.5: row 0 returns [0 + 0.5·0.4, −0.1 + 0.5·1, 1] = [0.2, 0.4, 1.0]
     g = torch.tensor([0.2, 0.4, 1.0, 0.5])
     z = (g - g.mean()) / g.std()
@@ -165,6 +168,35 @@ def test_kl_as_a_loss_term_moves_eta_out_of_the_reward(sft, tmp_path):
     assert row["policy/kl_loss"] > 0
     no_kl = est_trainer(sft, tmp_path / "b", "grpo").step()
     assert "policy/kl_loss" not in no_kl
+
+
+def test_k3_loss_term_ignores_padding_that_would_overflow(sft, tmp_path):
+    """Issue 21 item 4: with --kl_in_reward false the k3 term exp(log π_ref − log π) was taken before the mask;
+    a padding position with log π = −200 (after the response's EOS, where the training forward's value is
+    arbitrary) overflowed to inf and inf · 0 made the loss NaN: every mini-batch was skipped."""
+    stats = {}
+    for name in ("plain", "low_padding"):
+        tr = est_trainer(sft, tmp_path / name, "grpo", kl_in_reward=False, kl_coef=0.1, num_mini_batches=1)
+        torch.manual_seed(0)
+        exp, _ = tr.make_experience()
+        assert (exp.mask == 0).any()  # some responses end before the cap: there is padding
+        tr.compute_advantages(exp)
+        exp.ref_logprobs = exp.ref_logprobs - 0.3 * exp.mask  # π moved away from π_ref: k3 > 0 on the tokens
+        if name == "low_padding":
+            real = tr._logprobs
+
+            def low_on_padding(model, parts, temperature, _real=real, **kw):
+                logp, ent = _real(model, parts, temperature, **kw)
+                return logp.masked_fill(parts[3] == 0, -200.0), ent
+
+            tr._logprobs = low_on_padding
+        torch.manual_seed(1)
+        stats[name] = tr.update(exp)
+    plain, low = stats["plain"], stats["low_padding"]
+    assert "skipped" not in low  # before the fix: skipped = 1.0, skip_cause 'non-finite policy loss'
+    assert plain["policy/kl_loss"] > 0.01  # k3 of a log-ratio of 0.3 per token: ≈ 0.3 − (1 − e^−0.3) ≈ 0.041
+    assert low["policy/kl_loss"] == pytest.approx(plain["policy/kl_loss"], rel=1e-6)
+    assert low["policy/loss"] == pytest.approx(plain["policy/loss"], rel=1e-6)
 
 
 def test_token_sum_reduction_divides_by_a_constant(sft, tmp_path):

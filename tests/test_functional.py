@@ -52,6 +52,24 @@ def test_kl_estimators():
         F.kl_penalty(a, b, "k9")
 
 
+def test_k3_is_masked_before_its_exponential():
+    # Issue 21 item 4. Row: one response token with log π = log 0.5, log π_ref = log 0.25 (k3 = log 2 − 0.5,
+    # as above), then a padding position where the training forward gives log π = −100 and the stored
+    # log π_ref is 0: exp(−(−100)) = e^100 overflows float32 to inf, and inf · 0 in the masked mean is NaN.
+    logp = torch.tensor([[math.log(0.5), -100.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    k3 = F.kl_penalty(logp, ref, "k3", mask=mask)
+    assert k3[0].tolist() == pytest.approx([math.log(2) - 0.5, 0.0])  # log-ratio 0 on padding: k3 = 0 there
+    loss = F.masked_mean(k3, mask)
+    assert loss.item() == pytest.approx(math.log(2) - 0.5)  # before the fix: nan
+    loss.backward()
+    # ∂k3/∂log π = 1 − ρ with ρ = π_ref/π = 0.5 on the token; nothing reaches the padding
+    assert logp.grad[0].tolist() == pytest.approx([0.5, 0.0])
+    # the unmasked estimate really overflows there: what the mask prevents
+    assert F.kl_penalty(logp.detach(), ref, "k3")[0, 1].item() == float("inf")
+
+
 def test_shape_rewards_puts_score_on_last_token():
     scores = t([2.0, -1.0])
     kl = t([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
@@ -178,6 +196,15 @@ def test_logprobs_and_entropy_from_logits():
     assert lp.item() == pytest.approx(math.log(0.75))
     h = F.entropy_from_logits(logits)
     assert h.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_missing_eos_penalty_in_processed_units():
+    # r̃ = [0.8, −0.3, 0.8, −0.8] after Eq. 18; rows 2 and 3 have no EOS: 1.0 off each, whatever the clip did
+    r = torch.tensor([0.8, -0.3, 0.8, -0.8])
+    truncated = torch.tensor([False, False, True, True])
+    assert F.penalise_missing_eos(r, truncated, 1.0).tolist() == pytest.approx([0.8, -0.3, -0.2, -1.8])
+    assert torch.equal(F.penalise_missing_eos(r, truncated, None), r)  # off
+    assert torch.equal(F.penalise_missing_eos(r, torch.zeros(4, dtype=torch.bool), 1.0), r)  # every row ended
 
 
 def test_running_moments_match_full_history():

@@ -109,6 +109,45 @@ def test_nan_policy_loss_is_caught_before_backward(tiny, tmp_path, monkeypatch):
     assert not unchanged(tr.policy, p0)
 
 
+def test_skip_counter_counts_iterations_not_mini_batches(tiny, tmp_path, monkeypatch):
+    """Issue 21 item 5: with 4 mini-batches one bad iteration stopped the run at its third mini-batch
+    (max_consecutive_skips = 3 counted optimizer steps). Now an iteration counts as skipped when none of its
+    mini-batch steps was applied; 3 such iterations in a row stop the run; `skipped` is the skipped share."""
+    real, bad = F.policy_loss, {"calls": set()}
+    calls = iter(range(10**6))
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return (loss * float("nan") if next(calls) in bad["calls"] else loss), stats
+
+    monkeypatch.setattr(F, "policy_loss", nan_loss)
+    kw = dict(rollout_batch_size=8, num_mini_batches=4, per_device_train_batch_size=2, generation_batch_size=8,
+              max_consecutive_skips=3, max_steps=10)
+    tr = trainer(tiny, tmp_path, **kw)
+    bad["calls"] = set(range(10**6))  # every mini-batch's policy loss is NaN
+    for n in (1, 2):  # before the fix: UserError 'stopped after 3 consecutive skipped updates' in iteration 1
+        p0 = params(tr.policy)
+        row = tr.step()
+        assert row["skipped"] == 1.0 and row["skip_cause"] == "non-finite policy loss"
+        assert tr.consecutive_skips == n and unchanged(tr.policy, p0)
+    bad["calls"] = set()
+    p0 = params(tr.policy)
+    row = tr.step()  # a good iteration resets the counter
+    assert "skipped" not in row and tr.consecutive_skips == 0 and not unchanged(tr.policy, p0)
+    start = next(calls)
+    bad["calls"] = {start + 2}  # one of this iteration's 4 mini-batches (one micro-batch each): applied in part
+    p0 = params(tr.policy)
+    row = tr.step()
+    assert row["skipped"] == 0.25 and row["skip_cause"] == "non-finite policy loss"  # before the fix: 1.0
+    assert tr.consecutive_skips == 0 and not unchanged(tr.policy, p0)
+    bad["calls"] = set(range(10**6))
+    tr.step()
+    tr.step()
+    with pytest.raises(UserError, match="stopped after 3 consecutive skipped updates; last cause: non-finite policy"):
+        tr.step()
+    assert tr.consecutive_skips == 3
+
+
 def test_nan_gradient_with_a_finite_loss_skips_the_update(tiny, tmp_path):
     tr = trainer(tiny, tmp_path, num_mini_batches=1)
     tr.policy.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("nan")))

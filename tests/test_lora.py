@@ -271,3 +271,99 @@ def test_reward_config_checks_its_lora_fields():
 
     with pytest.raises(ConfigError, match="lora_target_modules"):
         RewardConfig(model_name_or_path="x", use_peft=True, lora_target_modules=" , ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM engine's weight sync for user-supplied peft policies (issue 21 item 9): what it pushes is
+# computed without vLLM (engines.vllm.merged_weights), so it is checked here on CPU.
+# ---------------------------------------------------------------------------------------------
+
+PEFT_CASES = {
+    # the lm_head copy in modules_to_save is what the forward uses (before: dropped, the frozen original pushed
+    # under the name 'lm_head.original_module.weight')
+    "lora_modules_to_save": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    # DoRA: W' = m / ‖W + ΔW‖ · (W + ΔW) (before: the magnitudes were ignored, W + ΔW pushed)
+    "dora": dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    # LoRA on the embedding keeps its adapters in lora_embedding_A/B (before: skipped, W pushed)
+    "lora_embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def untied(tiny, tmp_path_factory) -> str:
+    """tiny with its own lm_head (tie_word_embeddings false): adapting one embedding is then representable."""
+    model = M.load_causal_lm(tiny)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 1.5)
+    out = tmp_path_factory.mktemp("untied")
+    model.save_pretrained(out)
+    assert not M.load_causal_lm(out).config.tie_word_embeddings
+    return str(out)
+
+
+def _user_peft_policy(model_dir, case):
+    """A user-built peft policy whose adapters, DoRA magnitudes and modules_to_save copy all differ from the
+    base weights (as after training)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    policy = get_peft_model(M.load_causal_lm(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                               init_lora_weights=False, **PEFT_CASES[case]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return policy.eval()
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_vllm_sync_pushes_the_weights_the_peft_forward_uses(tiny, untied, case):
+    import copy
+
+    from ppomax.engines.vllm import merged_weights
+
+    tiny = tiny if case == "dora" else untied  # adapting one of two tied embeddings is refused (below)
+    policy = _user_peft_policy(tiny, case)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    pushed = dict(merged_weights(policy))
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())  # the policy is not touched
+    # the pushed tensors are a plain model's whole state dict, under its names ...
+    plain = M.load_causal_lm(tiny)
+    assert set(pushed) == set(plain.state_dict()), sorted(set(pushed) ^ set(plain.state_dict()))[:4]
+    plain.load_state_dict(pushed)
+    # ... equal to peft's own merge ...
+    reference = copy.deepcopy(policy).merge_and_unload().state_dict()
+    for k, v in reference.items():
+        torch.testing.assert_close(pushed[k], v, rtol=0, atol=1e-6, msg=k)
+    # ... and giving the peft policy's logits: what vLLM then serves is what PPO trains
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = policy(input_ids=ids).logits, plain(input_ids=ids).logits
+        base = M.load_causal_lm(tiny)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2  # the adapters matter: the check above has teeth
+
+
+@pytest.mark.parametrize("kind", ["ia3", "dora_embedding", "tied_modules_to_save", "tied_lora_embedding"])
+def test_vllm_sync_refuses_a_peft_policy_it_cannot_merge(tiny, kind):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    from ppomax.engines.vllm import check_syncable, merged_weights
+    from ppomax.errors import UserError
+
+    if kind == "ia3":
+        cfg, match = IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]), \
+            r"module '.*v_proj' is a Linear adapter \(only LoRA and DoRA are merged for vLLM\).*--rollout_engine hf"
+    elif kind == "dora_embedding":
+        cfg, match = LoraConfig(target_modules=["embed_tokens"], use_dora=True), \
+            r"module 'model.embed_tokens' is a LoRA variant DoraEmbeddingVariant"
+    else:  # the model ties lm_head to embed_tokens; the forward would use two different matrices
+        cfg = (LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]) if kind == "tied_modules_to_save"
+               else LoraConfig(target_modules=["embed_tokens"]))
+        match = r"ties its input and output embeddings .* but its adapter changes '(lm_head|model.embed_tokens)'"
+    policy = get_peft_model(M.load_causal_lm(tiny), cfg)
+    with pytest.raises(UserError, match=match):
+        check_syncable(policy)  # the engine calls it before vLLM starts
+    with pytest.raises(UserError, match=match):  # before the fix: IA3 pushed unscaled, DoRA magnitudes ignored
+        merged_weights(policy)

@@ -230,3 +230,123 @@ def test_bad_vllm_settings_are_clear_errors_before_training(models, tmp_path, ca
         PPOTrainer(cfg, policy=policy, ref_policy=models.ref, critic=copy.deepcopy(models.critic),
                    tokenizer=models.tokenizer, prompts=PROMPTS, reward_fn=share_of_the)
     assert not (tmp_path / "o" / "metrics.jsonl").exists()  # nothing trained, nothing written
+
+
+def _user_peft(policy, **kw):
+    """A user-built peft policy (issue 21 item 9): DoRA adapters and a modules_to_save copy of the final norm,
+    all moved away from the base weights as after training."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **kw))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return peft.eval()
+
+
+@needs_vllm
+def test_user_peft_policy_with_dora_and_modules_to_save_is_served_exactly(models, tmp_path):
+    """Before the fix vLLM served W + ΔW without the DoRA magnitudes and the original norm instead of the
+    modules_to_save copy: its log-probs were those of another policy."""
+    from ppomax.engines import Sampling
+    from ppomax.engines.vllm import VLLMEngine
+
+    policy = _user_peft(copy.deepcopy(models.policy), target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+                        modules_to_save=["model.norm"])
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": models.sft, "output_dir": str(tmp_path)})
+    eng = VLLMEngine(cfg, policy, models.tokenizer)
+    try:
+        p_ids, p_mask = prompt_batch(models)
+        gen = eng.generate(p_ids, p_mask, Sampling(12, (models.tokenizer.eos_token_id,), models.tokenizer.pad_token_id),
+                           return_logprobs=True)
+    finally:
+        eng.close()
+    gap = max_gap(gen.logprobs, trainer_logprobs(policy, p_ids, p_mask, gen, 1.0), gen.mask)
+    with policy.disable_adapter():
+        base_gap = max_gap(gen.logprobs, trainer_logprobs(policy, p_ids, p_mask, gen, 1.0), gen.mask)
+    assert gap < TOL and base_gap > 1e-3, (gap, base_gap)
+
+
+@needs_vllm
+def test_unmergeable_peft_policy_is_refused_before_vllm_starts(models, tmp_path, monkeypatch):
+    import vllm
+    from peft import IA3Config, get_peft_model
+
+    from ppomax.engines.vllm import VLLMEngine
+
+    started = []
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: started.append(1))
+    policy = get_peft_model(copy.deepcopy(models.policy), IA3Config(target_modules=["v_proj", "down_proj"],
+                                                                   feedforward_modules=["down_proj"]))
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": models.sft, "output_dir": str(tmp_path)})
+    with pytest.raises(UserError, match=r"is a Linear adapter \(only LoRA and DoRA are merged for vLLM\)"):
+        VLLMEngine(cfg, policy, models.tokenizer)
+    assert not started
+
+
+def _vllm_worker_rank(worker) -> list[int]:
+    """Runs on vLLM's worker: the (rank, local rank) it was started with."""
+    return [worker.rank, worker.local_rank]
+
+
+def _two_rank_worker(rank: int, port: int, sft: str, out: str, kw: dict) -> None:
+    """One rank of a 2-process PPO run with the vLLM engine: train, then sample this rank's prompts and compare
+    vLLM's log-probs with this rank's trainer forward."""
+    import json
+
+    from ppomax.models import load_causal_lm, load_tokenizer
+    from ppomax.ppo.trainer import PPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = PPOConfig.from_preset("ppo_max", **{**BASE, "model_name_or_path": sft, "output_dir": out, **kw})
+    tok = load_tokenizer(sft)
+    tr = PPOTrainer(cfg, tokenizer=tok, prompts=PROMPTS, reward_fn=share_of_the)
+    rows = tr.train()
+    models = SimpleNamespace(tokenizer=tok)
+    p_ids, p_mask = prompt_batch(models)
+    p_ids, p_mask = p_ids[2 * rank : 2 * rank + 2], p_mask[2 * rank : 2 * rank + 2]  # each rank its own prompts
+    gen = tr.engine.generate(p_ids, p_mask, tr.sampling, return_logprobs=True)
+    gap = max_gap(gen.logprobs, trainer_logprobs(tr.policy, p_ids, p_mask, gen, 1.0), gen.mask)
+    start_gap = max_gap(gen.logprobs, trainer_logprobs(load_causal_lm(sft), p_ids, p_mask, gen, 1.0), gen.mask)
+    (vllm_rank,) = tr.engine.llm.collective_rpc(_vllm_worker_rank)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump({"rows": rows, "gap": gap, "start_gap": start_gap, "sum_logprobs": float(gen.logprobs.sum()),
+                   "vllm_rank": vllm_rank}, fh)
+    tr.engine.close()
+    from ppomax.distributed import shutdown
+
+    shutdown()
+
+
+@needs_vllm
+def test_two_process_run_with_a_sharded_policy(models, tmp_path):
+    """Issue 21 item 8: every rank built vllm.LLM with the in-process executor, which gives each rank vLLM rank 0
+    and local rank 0 (device 0 on GPUs). Each rank now runs its own engine through vLLM's external_launcher
+    executor (RANK / LOCAL_RANK), and a ZeRO-3-sharded policy is gathered for the sync: after 2 iterations both
+    ranks' engines serve their updated policy (2 gloo processes on CPU; GPUs: not verified here). Before, this
+    run also aborted in gloo: a rank without truncated responses reduced one metric fewer (monitors.reduce_row)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    mp.start_processes(_two_rank_worker, args=(port, models.sft, str(out), {"sharding": "zero3", "learning_rate": 3e-2}),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, r in enumerate(ranks):
+        assert r["vllm_rank"] == [rank, rank]  # before the fix: [0, 0] on both ranks (in-process executor)
+        assert r["gap"] < TOL, r["gap"]  # this rank's engine serves this rank's (gathered, updated) policy
+        assert r["start_gap"] > 1e-2 and r["sum_logprobs"] < -1.0  # ... which moved away from the start
+    rows = ranks[0]["rows"]
+    assert [x["step"] for x in rows] == [1, 2] and not any(x.get("skipped") for x in rows)
+    assert all(x["rollout/logprob_gap_max"] < TOL for x in rows)  # the max over both ranks, at every rollout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # rank 0 wrote once

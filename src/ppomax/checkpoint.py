@@ -257,6 +257,50 @@ def verify_checkpoint(ckpt: str | Path) -> None:
             raise CheckpointError(f"{ckpt / rel}: corrupt (its sha256 differs from the one written with it)")
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """N of a ``checkpoint-N`` directory."""
+    m = _CKPT_RE.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint-N directory")
+    return int(m.group(1))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a fsynced temporary file and a rename: a reader (or a run
+    resumed after a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def copy_checkpoint(src: str | Path, run_dir: str | Path) -> Path:
+    """Copy the complete checkpoint ``src`` to ``run_dir/<its name>`` the way :func:`save_checkpoint` writes
+    one: into a temporary sibling, fsynced, renamed into place (an existing one is replaced)."""
+    src, run_dir = Path(src), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / src.name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{src.name}-", dir=run_dir))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            remove_checkpoint(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint, its COMPLETE marker first: a crash mid-way leaves an incomplete one."""
     (path / "COMPLETE").unlink(missing_ok=True)

@@ -273,9 +273,9 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
         "π_ref under LoRA (the adapter-off policy) is not a separate model and stays as it is.",
         choices=("auto", "on", "off"))
     missing_eos_penalty: float | None = opt(
-        1.0, "Subtract this from the raw score of responses that hit the cap without EOS, before normalisation. The "
-        "reward model only saw responses ending in EOS; a truncated one is scored at a token it was never trained "
-        "on, which PPO can exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
+        1.0, "Subtract this from r̃ of responses that hit the cap without EOS, after the Eq. 18 normalisation and clip "
+        "(σ units under PPO-max; the moments see raw scores): the RM never saw a truncated response, which PPO can "
+        "exploit (compare reward/truncated_mean with reward/raw_mean). None: off.", ge=0)
     # --- reward shaping (Fig. 5 details 1-5) ------------------------------------------------
     kl_coef: float = opt(0.05, "η: token-level KL penalty to π_ref (Sec. 5.3.1, Fig. 7; PPO-max 0.05).", ge=0)
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward: k1 = log π − log π_ref (can be < 0), k3 ≥ 0.", choices=("k1", "k2", "k3"))
@@ -348,7 +348,7 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
         None, "Keep the checkpoint with the best value of this eval metric in <output_dir>/best (rm_reward, gold, kl, "
         "length, truncated, perplexity; 'eval/' prefix optional). Needs --eval_steps.")
     greater_is_better: bool | None = opt(
-        None, "Whether a larger metric_for_best_model is better (default: yes, except kl, length, truncated, perplexity).")
+        None, "Whether a larger metric_for_best_model is better (default: yes, except kl, truncated; length, perplexity: required).")
     load_best_model_at_end: bool = opt(False, "Load the best checkpoint's weights when training ends (needs metric_for_best_model).")
     max_consecutive_skips: int = opt(3, "Stop after this many consecutive updates skipped for non-finite values.", ge=1)
     collapse_guard: str = opt(
@@ -386,12 +386,9 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
                              f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
                              f"--advantage_estimator gae)")
         if self.metric_for_best_model is not None:
-            from ppomax.ppo.evaluation import EVAL_METRICS, metric_key
+            from ppomax.ppo.evaluation import check_best_model_settings
 
-            check(metric_key(self.metric_for_best_model) in EVAL_METRICS,
-                  f"{n}.metric_for_best_model = {self.metric_for_best_model!r} is not an eval metric: allowed "
-                  f"{', '.join(EVAL_METRICS)} (optionally as eval/<name>)")
-            check(self.eval_steps is not None, f"{n}.metric_for_best_model needs --eval_steps N (evaluations to compare)")
+            check_best_model_settings(self)  # metric name, direction, --eval_steps
         check(not self.load_best_model_at_end or self.metric_for_best_model is not None,
               f"{n}.load_best_model_at_end needs --metric_for_best_model (which checkpoint is best)")
         # The ratio π_θ/π_old and the KL to π_ref score sampled tokens under the full softmax at the sampling

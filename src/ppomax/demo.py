@@ -452,10 +452,10 @@ def _gold_peak(rows: list[dict], window: int = 5) -> float:
 
 
 def _best_policy(run_dir: Path) -> Path | None:
-    from ppomax.checkpoint import list_checkpoints
+    from ppomax.ppo.evaluation import best_checkpoint
 
-    ckpts = list_checkpoints(run_dir / "best")
-    return ckpts[-1] / "policy" if ckpts else None
+    ckpt = best_checkpoint(run_dir)  # the one best/best.json names (best/ may keep an older one too)
+    return ckpt / "policy" if ckpt is not None else None
 
 
 def _final_policy(run_dir: Path) -> Path:

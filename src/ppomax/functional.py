@@ -242,15 +242,21 @@ def chunked_logprobs(
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(π ‖ π_ref) from sampled tokens (a ~ π).
 
     - ``k1`` = log π − log π_ref: unbiased, can be negative per token.
     - ``k2`` = ½ (log π − log π_ref)²: biased, low variance, ≥ 0.
     - ``k3`` = (ρ − 1) − log ρ with ρ = π_ref/π: unbiased and ≥ 0
       (http://joschu.net/blog/kl-approx.html).
+
+    ``mask`` (B, T): the log-ratio is 0 outside it *before* the exponential (as in :func:`policy_loss`),
+    so a padding position's arbitrary log π cannot overflow k3 to inf (inf · 0 = NaN in a masked mean).
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask > 0, log_ratio, 0.0)
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -350,17 +356,19 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (g - others).flatten()
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            whiten_returns: bool = True) -> torch.Tensor:
     """REINFORCE++ (Hu 2025): token-level returns G_t = Σ_{s ≥ t} γ^{s−t} r_s of the (KL-shaped) token
     rewards, whitened over every response token of the batch (global, not per group, which is what
-    separates it from GRPO). rewards, mask (B, T) -> (B, T), zero outside the mask."""
+    separates it from GRPO). rewards, mask (B, T) -> (B, T), zero outside the mask.
+    ``whiten_returns=False`` returns G_t itself, for a caller that whitens over several processes."""
     rewards = rewards * mask  # right-padded: past a response's end the rewards are 0, so G stays 0 there
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    return whiten(returns * mask, mask)
+    return whiten(returns * mask, mask) if whiten_returns else returns * mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +508,16 @@ def normalize_and_clip(scores: torch.Tensor, mean: float, std: float, clip: floa
     if clip is not None:
         out = out.clamp(-clip, clip)
     return out
+
+
+def penalise_missing_eos(processed: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """r̃ − penalty on responses without EOS (TRL's missing_eos_penalty), applied to the *processed* score:
+    after Eq. 18's normalisation and clip, in its units (σ of the score history under PPO-max). Applied to the
+    raw score instead, the clip to [−δ, δ] would give a truncated response above μ + δσ + penalty (or below
+    μ − δσ) the same r̃ as one that stopped. processed, truncated (B,) -> (B,); ``penalty=None``: off."""
+    if penalty is None:
+        return processed
+    return processed - penalty * truncated.to(processed.dtype)
 
 
 def scale_rewards(scores: torch.Tensor, std: float) -> torch.Tensor:

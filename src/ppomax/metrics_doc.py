@@ -20,7 +20,7 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "reward/truncated_mean": ("mean raw RM score of the responses that hit the length cap without EOS (logged when "
                               "there are any; the score is before missing_eos_penalty)",
                               "above reward/raw_mean: the RM rates unfinished text highly and PPO can exploit the cap"),
-    "reward/processed_mean": ("mean reward fed to PPO after normalisation and clipping", "pinned at the clip bound"),
+    "reward/processed_mean": ("mean reward fed to PPO (r̃): after normalisation, clipping and the missing-EOS penalty", "pinned at the clip bound"),
     "gold/mean": ("mean gold (judge) score of the sampled responses", "peaks early, then falls while RM reward still rises"),
     "gold/well_formed": ("fraction of responses the judge accepts as well-formed", "drops: degenerate or repetitive text"),
     "kl/ref": ("KL(π‖π_ref) per response on the sampled tokens (nats)", "rises steadily without levelling off"),
@@ -51,7 +51,9 @@ METRIC_DOCS: dict[str, tuple[str, str]] = {
     "eval/distinct_2": ("--eval_steps: distinct word bigrams / all bigrams over the held-out responses together", "falls towards 1/N (N responses): one template for every prompt"),
     "eval/self_similarity": ("--eval_steps: mean pairwise Jaccard overlap of the held-out responses' word 1- and 2-gram sets", "rises towards 1: the answers to different prompts read alike"),
     "eval/template_share": ("--eval_steps: share of held-out responses opening with the most common first 4 words", "rises towards 1: every answer starts the same way"),
-    "skipped": ("1 when the update was skipped for a non-finite value (cause in skip_cause)", "repeated skips stop the run (max_consecutive_skips)"),
+    "skipped": ("share of the iteration's optimizer steps (mini-batches × epochs) skipped for a non-finite value, "
+                "logged when > 0; 1: the whole update was skipped (cause in skip_cause)",
+                "1 in max_consecutive_skips iterations in a row stops the run"),
     "grad_norm/policy": ("policy gradient norm before clipping", "spikes by orders of magnitude"),
     "grad_norm/critic": ("critic gradient norm before clipping", "spikes by orders of magnitude"),
     "lr/policy": ("policy learning rate (schedule)", "not a collapse signal"),

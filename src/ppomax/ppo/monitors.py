@@ -15,6 +15,40 @@ import torch
 
 from ppomax import functional as F
 
+# A metric logged only by ranks with something to measure -> the row metric that weighs each rank's value.
+_WEIGHTED = {"reward/truncated_mean": "response/truncated_frac"}
+
+
+def reduce_row(row: dict, d) -> dict:
+    """The numeric metrics of a row over ranks: the mean (``*_max``: the max), each over the ranks that logged
+    it, ``reward/truncated_mean`` weighted by each rank's truncated share (so it is the mean over every
+    truncated response). reduce_floats needs the same keys in the same order on every rank, and a metric such
+    as reward/truncated_mean exists only on a rank with truncated responses: all ranks reduce the documented
+    names (METRIC_DOCS) in its order, then any others (present on every rank)."""
+    from ppomax import distributed as dist_lib
+    from ppomax.metrics_doc import METRIC_DOCS
+
+    if not d.enabled:
+        return row
+    nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    names = list(METRIC_DOCS) + sorted(k for k in nums if k not in METRIC_DOCS)
+    sums, maxima = {}, {}
+    for k in names:
+        if k.endswith("_max"):
+            maxima[k] = nums.get(k, -math.inf)
+        else:
+            w = (nums.get(_WEIGHTED[k], 0.0) if k in _WEIGHTED else 1.0) if k in nums else 0.0
+            sums[k], sums[f"{k}#weight"] = nums.get(k, 0.0) * w, w
+    sums, maxima = dist_lib.reduce_floats(sums, d, "sum"), dist_lib.reduce_floats(maxima, d, "max")
+    out = dict(row)
+    for k in names:
+        if k.endswith("_max"):
+            if maxima[k] > -math.inf:
+                out[k] = maxima[k]
+        elif sums[f"{k}#weight"] > 0:
+            out[k] = sums[k] / sums[f"{k}#weight"]
+    return out
+
 
 def _pct(x: torch.Tensor, q: float) -> float:
     return torch.quantile(x.double(), q).item() if x.numel() else float("nan")

@@ -33,7 +33,7 @@ class Experience:
     ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t|s_t) at the same temperature
     values: torch.Tensor  # (B, T) V_old(s_t)
     scores: torch.Tensor  # (B,) raw reward-model / reward_fn score r(x, y)
-    processed_scores: torch.Tensor | None = None  # (B,) r̃ after penalty, normalisation, clipping
+    processed_scores: torch.Tensor | None = None  # (B,) r̃ after normalisation, clipping, missing-EOS penalty
     rewards: torch.Tensor | None = None  # (B, T) shaped token rewards: −η·KL_t (+ r̃ at the last token)
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate to π_ref (the shaping estimator)
     advantages: torch.Tensor | None = None  # (B, T) GAE Â_t

@@ -59,8 +59,9 @@ def _trained(tr) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -> Path | None:
-    """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to
-    save_total_limit); None (and a warning) when a model holds NaN/inf weights."""
+    """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to the config's
+    save_total_limit; elsewhere to ``save_total_limit``, None: no rotation); None (and a warning) when a
+    model holds NaN/inf weights."""
     bad = nonfinite_weights(tr)
     if bad:
         logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
@@ -75,11 +76,16 @@ def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -
     if not tr.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
         dist_lib.barrier(tr.dist)
         return run_dir / f"checkpoint-{tr.iteration}"
+    periodic = run_dir == tr.out
     path = ckpt_lib.save_checkpoint(
         run_dir, tr.iteration, models, opts, state_dict(tr),
-        tokenizer=tr.tokenizer, save_total_limit=save_total_limit or tr.cfg.save_total_limit,
-        keep=(tr.last_healthy,) if tr.last_healthy else (), rank_rng=rank_rng,
+        tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit if periodic else save_total_limit,
+        keep=(tr.last_healthy,) if tr.last_healthy and periodic else (), rank_rng=rank_rng,
     )
+    if periodic and tr.best is not None:  # rotation may have removed the last record of an older best
+        from ppomax.ppo.evaluation import prune_best
+
+        prune_best(tr)
     dist_lib.barrier(tr.dist)
     return path
 
@@ -156,6 +162,22 @@ def rollback(tr) -> bool:
     return True
 
 
+def count_skipped_iteration(tr, cause: str) -> dict[str, Any]:
+    """Count an iteration whose update was skipped entirely (non-finite weights, scores or advantages, or
+    every mini-batch step skipped); ``max_consecutive_skips`` of them in a row stop the run with an error
+    naming the last good checkpoint. An iteration that applied any step resets the count (trainer.step)."""
+    from ppomax.errors import UserError
+
+    tr.consecutive_skips += 1
+    logger.warning("iteration %d: update skipped: %s (%d in a row)", tr.iteration, cause, tr.consecutive_skips)
+    if tr.consecutive_skips >= tr.cfg.max_consecutive_skips:
+        ckpts = ckpt_lib.list_checkpoints(tr.out)
+        last = f"The last good checkpoint, {ckpts[-1]}, is intact." if ckpts else "No checkpoint was written."
+        raise UserError(f"stopped after {tr.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
+                        f"{last}")
+    return {"skipped": 1.0, "skip_cause": cause}
+
+
 def open_run(tr):
     """Prepare the output dir and, with --resume_from, load the checkpoint to resume; return the metrics
     logger (rank 0; the other ranks get one that only reduces)."""
@@ -175,6 +197,10 @@ def open_run(tr):
             truncate_jsonl(samples, tr.iteration)
     elif main:
         samples.unlink(missing_ok=True)
+    if tr.best is not None:  # best/ agrees with the loaded tracker (ppo/evaluation.py)
+        from ppomax.ppo.evaluation import reconcile_best
+
+        reconcile_best(tr, resume_ckpt)
     if not main:
         return RankMetrics()
     return MetricsLogger(tr.out, cfg.report_to, resume_step=tr.iteration if resume_ckpt else None,

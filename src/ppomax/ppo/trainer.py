@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from ppomax import checkpoint as ckpt_lib
 from ppomax import distributed as dist_lib
 from ppomax import functional as F
 from ppomax import sharding
@@ -33,7 +32,7 @@ from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
 from ppomax.ppo import advantages, evaluation, setup
 from ppomax.ppo import state as run_state
-from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, write_samples
+from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_samples
 from ppomax.ppo.reward_fn import RewardFunction
 from ppomax.ppo.rollout import (
     Experience,
@@ -188,7 +187,7 @@ class PPOTrainer:
                 row = self.step(train_policy=not pretrain)
                 row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
                            ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
-                improved = not pretrain and self._evaluate(row)  # --eval_steps: eval/* into the row
+                improved = not pretrain and evaluation.evaluate_step(self, row)  # --eval_steps: eval/* into the row
                 action = self._collapse_check(row, pretrain)  # before logging: the row carries `collapse`
                 if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
                     self.metrics.log(row)
@@ -201,10 +200,12 @@ class PPOTrainer:
                     raise CollapseStop(f"collapse guard stopped the run at iteration {self.iteration}: "
                                        f"{'; '.join(row['collapse'])} "
                                        + (f"(state saved in {saved})" if saved else "(not saved: non-finite weights)"))
+                # the tracker takes the value (not for rolled-back weights) before the periodic save records it
+                improved = improved and evaluation.commit_best(self, row, action)
                 if self.iteration % cfg.save_steps == 0 or self.iteration == self.total_iterations:
                     self._save(healthy=not row.get("collapse"))
                 if improved:  # after the periodic save: best/ and checkpoint-N never replace each other
-                    evaluation.save_best(self, row[self.best.key])
+                    evaluation.save_best(self)
             if cfg.load_best_model_at_end:
                 evaluation.load_best(self)
             run_state.save_final(self)  # the policy as a plain HF model in output_dir (+ --push_to_hub)
@@ -212,18 +213,6 @@ class PPOTrainer:
             bar.close()
             self.metrics.close()
         return self.metrics.rows
-
-    def _evaluate(self, row: dict) -> bool:
-        """Every eval_steps PPO iterations (and at the last): eval/* metrics into ``row``; True when
-        they improve metric_for_best_model (the tracker is updated, the caller saves best/)."""
-        if self.eval_prompt_ids is None or not (row["ppo_step"] % self.cfg.eval_steps == 0
-                                                or self.iteration == self.total_iterations):
-            return False
-        row.update(evaluation.evaluate(self, self.eval_prompt_ids))
-        if self.best is None or not self.best.improves(row[self.best.key]):
-            return False
-        self.best.value, self.best.step = row[self.best.key], self.iteration
-        return True
 
     def step(self, train_policy: bool = True) -> dict[str, float]:
         """One iteration: experience → advantages → update. Returns the metric row."""
@@ -256,9 +245,12 @@ class PPOTrainer:
         row["time/train"] = time.perf_counter() - t1
         row.update(stats)
         row = self._reduce_row(row)
-        if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move
-            self.score_moments.load_state_dict(moments)
-        elif train_policy:
+        if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move,
+            self.score_moments.load_state_dict(moments)  # and the iteration counts as skipped
+            row.update(self._skip(row.get("skip_cause", "no optimizer step applied")))
+        else:
+            self.consecutive_skips = 0  # an iteration that applied an update ends a run of skipped ones
+        if self._applied_steps and train_policy:
             self.engine.sync(self.policy)  # the next rollout samples from the updated policy
             if self.kl_ctl is not None:
                 self.kl_ctl.update(row["kl/ref"], exp.scores.numel() * self.dist.world_size)
@@ -354,13 +346,13 @@ class PPOTrainer:
     def compute_advantages(self, exp: Experience) -> None:
         """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and the advantage estimator, in place."""
         cfg = self.cfg
-        penalised = advantages.penalise_missing_eos(cfg, exp.scores, exp.truncated)
-        # Running moments over every score seen so far (Eq. 18: μ, σ of the history).
-        self.score_moments.update(dist_lib.all_gather(penalised, self.dist))  # every rank's scores
-        exp.processed_scores = advantages.normalize_scores(cfg, penalised, self.score_moments)
+        # Running moments over every raw score seen so far (Eq. 18: μ, σ of the history), every rank's.
+        self.score_moments.update(dist_lib.all_gather(exp.scores, self.dist))
+        # r̃: normalised, clipped, then the missing-EOS penalty (in r̃'s units, after the clip)
+        exp.processed_scores = advantages.process_scores(cfg, exp.scores, exp.truncated, self.score_moments)
         exp.kl = F.kl_penalty(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator) * exp.mask
         exp.rewards, exp.advantages, exp.returns = advantages.estimate(
-            cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef)
+            cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef, self.dist)
 
     # =========================================================================================
     # Update
@@ -417,9 +409,11 @@ class PPOTrainer:
             if train_policy:
                 self.policy_sched.step()
         causes = acc.pop("skip_cause", [])
-        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}
+        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}  # `skipped`: the share of skipped steps
         if causes:
             out["skip_cause"] = "; ".join(dict.fromkeys(causes))
+        elif "skipped" in out:
+            del out["skipped"]
         out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
         if self.critic is not None:
             out["lr/critic"] = self.critic_sched.get_last_lr()[0]
@@ -442,7 +436,7 @@ class PPOTrainer:
             ent = F.masked_mean(entropy, mb.mask, num_tokens=norm)
             loss = pg_loss - cfg.entropy_coef * ent if cfg.entropy_coef > 0 else pg_loss
             if not cfg.kl_in_reward:  # GRPO's KL term: η · k3 estimate of KL(π_θ‖π_ref) in the loss
-                kl_loss = F.masked_mean(F.kl_penalty(logp, mb.ref_logprobs, "k3"), mb.mask, num_tokens=norm)
+                kl_loss = F.masked_mean(F.kl_penalty(logp, mb.ref_logprobs, "k3", mb.mask), mb.mask, num_tokens=norm)
                 loss = loss + self.kl_coef * kl_loss
                 stats["policy/kl_loss"] = kl_loss.item() / max(share, 1e-9)
             self._backward(loss, "policy loss")
@@ -472,12 +466,8 @@ class PPOTrainer:
         return {"ptx/loss": loss.item()}
 
     def _reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Numeric metrics averaged over ranks (the update's token means are already global)."""
-        if not self.dist.enabled:
-            return row
-        nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        maxima = {k: nums.pop(k) for k in list(nums) if k.endswith("_max")}  # e.g. rollout/logprob_gap_max
-        return {**row, **dist_lib.reduce_floats(nums, self.dist, "mean"), **dist_lib.reduce_floats(maxima, self.dist, "max")}
+        """Numeric metrics averaged over ranks (the update's token means are already global; monitors.py)."""
+        return reduce_row(row, self.dist)
 
     def _backward(self, loss: torch.Tensor, name: str) -> None:
         """Backward a finite loss; a NaN/inf one is recorded and skips the coming optimizer step."""
@@ -504,13 +494,13 @@ class PPOTrainer:
             causes.append(f"non-finite gradient norm ({', '.join(bad)})")
         if not dist_lib.all_true(not causes, self.dist) and not causes:  # skip decisions agree on every rank
             causes.append("non-finite loss on another rank")
-        if causes:
-            stats.update(self._skip("; ".join(causes)))
+        if causes:  # this step only; the iteration counts as skipped when all its steps are (step())
+            logger.warning("iteration %d: mini-batch update skipped: %s", self.iteration, "; ".join(causes))
         else:
-            self.consecutive_skips = 0
             self._applied_steps += 1
             for _, _, opt in models:
                 opt.step()
+        stats.update(skipped=float(bool(causes)), **({"skip_cause": "; ".join(causes)} if causes else {}))
         for _, _, opt in models:
             opt.zero_grad(set_to_none=True)
         if not train_policy:
@@ -518,14 +508,8 @@ class PPOTrainer:
         return stats
 
     def _skip(self, cause: str) -> dict[str, float]:
-        self.consecutive_skips += 1
-        logger.warning("iteration %d: update skipped: %s (%d in a row)", self.iteration, cause, self.consecutive_skips)
-        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
-            ckpts = ckpt_lib.list_checkpoints(self.out)
-            last = f"The last good checkpoint, {ckpts[-1]}, is intact." if ckpts else "No checkpoint was written."
-            raise UserError(f"stopped after {self.consecutive_skips} consecutive skipped updates; last cause: {cause}. "
-                            f"{last}")
-        return {"skipped": 1.0, "skip_cause": cause}
+        """A skipped iteration: counted; max_consecutive_skips in a row stop the run (ppo/state.py)."""
+        return run_state.count_skipped_iteration(self, cause)
 
     # =========================================================================================
     # Monitoring, gold metrics, samples
