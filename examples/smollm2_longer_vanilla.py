@@ -31,8 +31,8 @@ def main() -> None:
     from ppomax import models as M
     from ppomax.checkpoint import list_checkpoints
     from ppomax.ppo.trainer import PPOTrainer
-    from ppomax.smollm2 import fetch_smollm2
-    from ppomax.smollm2_study import FULL, Evaluator, GoldJudge, ppo_config, prompts
+    from ppomax.studies.smollm2_study import FULL, Evaluator, GoldJudge, ppo_config, prompts
+    from ppomax.tools.smollm2 import fetch_smollm2
 
     torch.set_num_threads(1)  # as the study's PPO runs
     M.quiet_transformers()

@@ -239,7 +239,7 @@ def test_crash_between_the_periodic_save_and_save_best_leaves_best_consistent(mo
 
 
 def test_eval_metrics_are_documented_and_the_training_rng_is_untouched(models, tmp_path):
-    from ppomax.report import METRIC_DOCS
+    from ppomax.metrics_doc import METRIC_DOCS
 
     with_eval = trainer(models, tmp_path / "a", max_steps=3)
     rows = with_eval.train()

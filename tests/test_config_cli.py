@@ -10,6 +10,7 @@ import pytest
 from ppomax import cli
 from ppomax import config as C
 from ppomax.config import ConfigError, PPOConfig, RewardConfig, SFTConfig
+from ppomax.studies.config import AblateConfig, DemoConfig
 
 # ---------------------------------------------------------------------------------------------
 # Validation: the message names the field, the value and the allowed range
@@ -160,7 +161,7 @@ def test_precedence_through_main(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "stage, cls",
     [("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("eval", C.EvalConfig),
-     ("demo", C.DemoConfig), ("ablate", C.AblateConfig), ("tiny-model", C.TinyModelConfig)],
+     ("demo", DemoConfig), ("ablate", AblateConfig), ("tiny-model", C.TinyModelConfig)],
 )
 def test_stage_help_lists_every_field(stage, cls, capsys):
     with pytest.raises(SystemExit) as info:

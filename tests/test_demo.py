@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppomax.cli import main
-from ppomax.demo import SUMMARY_TABLE_COLUMNS, summary_table
+from ppomax.studies.demo import SUMMARY_TABLE_COLUMNS, summary_table
 
 KEYS = ("rm_reward", "gold", "kl", "perplexity", "length", "win_rate_vs_sft")
 
@@ -120,7 +120,7 @@ def test_ablate_two_variants(quick_demo, tmp_path):
 
 
 def test_ablate_variant_spec_and_early_curve_stats():
-    from ppomax.ablate import curve_stats, parse_variants
+    from ppomax.studies.ablate import curve_stats, parse_variants
     from ppomax.config import ConfigError
 
     # a built-in name with a body adds to its overrides; seeds= is the variant's own seed count
@@ -141,8 +141,8 @@ def test_ablate_variant_spec_and_early_curve_stats():
 
 def test_ablate_estimator_variants_by_name_with_a_budget(quick_demo, tmp_path):
     """Built-in variants by name (the critic-free estimators, issue #14) and --budget (issue #15)."""
-    from ppomax.ablate import parse_variants, scaled_budget
-    from ppomax.demo import QUICK
+    from ppomax.studies.ablate import parse_variants, scaled_budget
+    from ppomax.studies.demo import QUICK
 
     assert parse_variants("ppo_max;grpo;dr_grpo")["dr_grpo"] == {
         "advantage_estimator": "grpo", "num_samples_per_prompt": 4, "grpo_scale_rewards": False,

@@ -277,10 +277,9 @@ def test_every_reseed_in_the_library_goes_through_the_fork_helper():
     # graph_decode.py puts back the CUDA state it saved before its warm-up steps, so the captured step
     # draws what the eager step would have: a restore of the same stream, not a reseed
     owners = {"training.py", "checkpoint.py", "graph_decode.py"}
-    studies = {"demo.py", "ablate.py", "smollm2_study.py"}  # recipes that seed their whole pipeline once
     found = []
     for path in sorted(SRC.rglob("*.py")):
-        if path.name in owners | studies:
+        if path.name in owners or path.relative_to(SRC).parts[0] == "studies":  # recipes: seeded once, whole
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
@@ -296,10 +295,11 @@ def test_every_reseed_in_the_library_goes_through_the_fork_helper():
 # ---------------------------------------------------------------------------------------------
 
 # The step and collective code: every tensor made here is used on the process's device.
-STEP_FILES = ("distributed.py", "sharding.py", "loop.py", "training.py", "functional.py", "sft.py", "reward.py",
-              "evaluate.py", "engines/__init__.py", "engines/hf.py", "engines/vllm.py", "ppo/trainer.py",
-              "ppo/rollout.py", "ppo/setup.py", "ppo/state.py", "ppo/advantages.py", "ppo/evaluation.py",
-              "ppo/monitors.py")
+STEP_FILES = ("distributed.py", "sharding.py", "loop.py", "training.py", "gradients.py", "functional/reductions.py",
+              "functional/logprobs.py", "functional/rewards.py", "functional/estimators.py", "functional/losses.py",
+              "sft.py", "reward.py", "evaluate.py", "engines/__init__.py", "engines/base.py", "engines/hf.py",
+              "engines/vllm.py", "ppo/trainer.py", "ppo/rollout.py", "ppo/setup.py", "ppo/state.py", "ppo/advantages.py",
+              "ppo/evaluation.py", "ppo/best.py", "ppo/monitors.py")
 FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "eye", "linspace", "logspace",
              "rand", "randn", "randint", "randperm", "empty_strided", "tril_indices", "triu_indices"}
 # (file, function) -> why a factory there needs no device=: host-side values that never meet a device tensor.

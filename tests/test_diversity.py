@@ -80,7 +80,7 @@ def test_ppo_evaluation_logs_them_and_calls_the_judge_once_with_every_held_out_r
     from ppomax.config import PPOConfig
     from ppomax.models import build_tiny_model
     from ppomax.ppo.trainer import PPOTrainer
-    from ppomax.report import METRIC_DOCS
+    from ppomax.metrics_doc import METRIC_DOCS
 
     calls = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ppomax.config import FIELD_ALIASES, PPOConfig
-from ppomax.report import METRIC_DOCS, STAGE_METRIC_DOCS, metrics_table_markdown
+from ppomax.metrics_doc import METRIC_DOCS, STAGE_METRIC_DOCS, metrics_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_METRICS = {"step", "ppo_step", "phase", "skip_cause", "collapse"}

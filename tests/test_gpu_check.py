@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from ppomax import gpu_check
+from ppomax.tools import gpu_check
 
 
 def test_smoke_run_passes_with_one_verdict_line(tmp_path, capsys):

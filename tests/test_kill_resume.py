@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ppomax import checkpoint as ckpt_lib
-from ppomax import killtest
+from ppomax.tools import killtest
 from ppomax.training import MetricsLogger, truncate_jsonl
 
 

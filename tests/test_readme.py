@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ppomax.demo import SUMMARY_TABLE_COLUMNS, summary_table
+from ppomax.studies.demo import SUMMARY_TABLE_COLUMNS, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -43,7 +43,7 @@ def readme_demo_table() -> str:
 
 
 def parse_demo_table(text: str) -> dict:
-    """Inverse of :func:`ppomax.demo.summary_table`: ``{"methods": {name: {column: value}}}``."""
+    """Inverse of :func:`ppomax.studies.demo.summary_table`: ``{"methods": {name: {column: value}}}``."""
     lines = text.splitlines()
     header = lines[0].split()
     assert header == ["method", *SUMMARY_TABLE_COLUMNS], f"README demo table columns {header}"

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from ppomax.tasks import reviews as R
+from ppomax.studies.tasks import reviews as R
 
 P = "the soup was"
 

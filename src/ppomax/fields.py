@@ -41,7 +41,8 @@ def opt(
     return field(default=default, metadata=meta)
 
 
-def _allowed(meta: dict) -> str:
+def allowed_values(meta: dict) -> str:
+    """The allowed values of a field (its ``opt`` metadata) as text: "one of ...", ">= 0, < 1"."""
     parts = []
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
@@ -66,11 +67,11 @@ def validate_fields(cfg: Any) -> None:
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{name}.{f.name} = {value!r} is invalid: allowed {_allowed(meta)}")
+            raise ConfigError(f"{name}.{f.name} = {value!r} is invalid: allowed {allowed_values(meta)}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if isinstance(value, float) and math.isnan(value):
-            raise ConfigError(f"{name}.{f.name} = nan is invalid: allowed {_allowed(meta) or 'a number'}")
+            raise ConfigError(f"{name}.{f.name} = nan is invalid: allowed {allowed_values(meta) or 'a number'}")
         bad = (
             (meta.get("ge") is not None and value < meta["ge"])
             or (meta.get("gt") is not None and value <= meta["gt"])
@@ -78,7 +79,7 @@ def validate_fields(cfg: Any) -> None:
             or (meta.get("lt") is not None and value >= meta["lt"])
         )
         if bad:
-            raise ConfigError(f"{name}.{f.name} = {value!r} is out of range: allowed {_allowed(meta)}")
+            raise ConfigError(f"{name}.{f.name} = {value!r} is out of range: allowed {allowed_values(meta)}")
 
 
 def check(cond: bool, message: str) -> None:

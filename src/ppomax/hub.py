@@ -71,7 +71,7 @@ def load_dataset(spec: str):
     """``datasets.load_dataset`` for a Hub dataset id, 'org/name' or 'org/name:split' (default: train)."""
     import datasets
 
-    from ppomax.data import DataError
+    from ppomax.errors import DataError
 
     name, _, split = spec.partition(":")
     try:

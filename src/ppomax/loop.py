@@ -27,6 +27,7 @@ import torch
 from ppomax import checkpoint as ckpt_lib
 from ppomax import compat
 from ppomax.errors import UserError
+from ppomax.gradients import reduce_and_clip
 from ppomax.training import (
     MetricsLogger,
     RankMetrics,
@@ -36,7 +37,6 @@ from ppomax.training import (
     make_scheduler,
     prepare_output_dir,
     progress,
-    reduce_and_clip,
     scheduler_state,
 )
 

@@ -20,7 +20,6 @@ final EOS and score the token before it: ppomax warns at export (give the tokeni
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -28,65 +27,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ppomax.models.loading import ModelFormatError, load_tokenizer, quiet_transformers
+from ppomax.models.scalar_head import (  # noqa: F401  (re-exported: read as before from ppomax.seqcls)
+    SEQ_CLS_SUFFIX,
+    ScalarHeadModel,
+    is_seq_cls_dir,
+    score_head,
+    to_scalar_head,
+)
+
 logger = logging.getLogger("ppomax")
 
-SUFFIX = "ForSequenceClassification"
-
-
-def is_seq_cls_dir(local: str) -> bool:
-    """A model directory whose config names a ``*ForSequenceClassification`` architecture."""
-    try:
-        with open(os.path.join(local, "config.json"), encoding="utf-8") as f:
-            archs = json.load(f).get("architectures") or []
-    except (OSError, ValueError):
-        return False
-    return any(str(a).endswith(SUFFIX) for a in archs)
-
-
-def score_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """(name, module) of a seq-cls model's head: its one top-level nn.Linear outside the base model."""
-    from ppomax.models import ModelFormatError
-
-    prefix = model.base_model_prefix
-    heads = [(n, m) for n, m in model.named_children() if n != prefix and isinstance(m, nn.Linear)]
-    if len(heads) != 1:
-        raise ModelFormatError(f"{type(model).__name__}: expected one linear score head next to '{prefix}', found "
-                               f"{[n for n, _ in heads] or 'none'} (heads with a hidden layer are not supported)")
-    return heads[0]
-
-
-def to_scalar_head(model: nn.Module) -> Any:
-    """A ScalarHeadModel computing what the seq-cls ``model`` computes per token: its base model (shared, not
-    copied) and its score head (copied to fp32, bias 0 when it has none). Needs ``num_labels == 1``."""
-    from ppomax.models import ModelFormatError, ScalarHeadModel
-
-    if isinstance(model, ScalarHeadModel):
-        return model
-    labels = getattr(model.config, "num_labels", None)
-    if labels != 1:
-        raise ModelFormatError(f"{type(model).__name__} has num_labels = {labels}; a reward model or critic needs "
-                               "one score per sequence (num_labels=1)")
-    name, head = score_head(model)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone.config.hidden_size
-    if head.in_features != hidden:
-        raise ModelFormatError(f"{type(model).__name__}.{name} takes {head.in_features} features, the base model "
-                               f"gives {hidden}")
-    v_head = nn.Linear(hidden, 1, dtype=torch.float32, device=head.weight.device)
-    with torch.no_grad():
-        v_head.weight.copy_(head.weight.float())
-        v_head.bias.copy_(head.bias.float() if head.bias is not None else torch.zeros_like(v_head.bias))
-    out = ScalarHeadModel(backbone, v_head)
-    out.metadata = {"source": "seq-cls", "architecture": type(model).__name__, "head": name}
-    return out
+SUFFIX = SEQ_CLS_SUFFIX
 
 
 def seq_cls_architecture(backbone: nn.Module) -> str:
     """``LlamaModel`` -> ``LlamaForSequenceClassification``: the seq-cls class of a base model."""
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    from ppomax.models import ModelFormatError
 
     name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(backbone.config.model_type)
     if name is None:
@@ -102,8 +60,6 @@ def export_seq_cls(source: Any, output_dir: str | os.PathLike, dtype: str = "aut
     ``ppomax rm`` trains: the pairwise loss does not move it) has no place in HF's bias-free score head; a
     non-zero one is dropped with a warning (scores then shift by that constant, preferences do not)."""
     from transformers import AutoModelForSequenceClassification
-
-    from ppomax.models import ScalarHeadModel, load_tokenizer, quiet_transformers
 
     quiet_transformers()
     if not isinstance(source, ScalarHeadModel):
@@ -136,7 +92,6 @@ def export_seq_cls(source: Any, output_dir: str | os.PathLike, dtype: str = "aut
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:
-        from ppomax.models import ModelFormatError
 
         raise ModelFormatError(f"export to {type(model).__name__}: missing {sorted(set(missing) - tied)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}")

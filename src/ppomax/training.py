@@ -208,29 +208,6 @@ def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
     scheduler.load_state_dict(sd)
 
 
-def reduce_and_clip(model: torch.nn.Module, d, sharded: bool, max_norm: float | None) -> float:
-    """Sum ``model``'s gradients over ranks (under FSDP the reduce-scatter already has), clip them
-    to the global L2 norm ``max_norm`` when set, and return that norm (before clipping)."""
-    from ppomax import distributed as dist_lib
-    from ppomax import sharding
-
-    if sharded:
-        return sharding.clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
-    dist_lib.sum_gradients(model.parameters(), d)
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return grad_norm(params)
-
-
-def grad_norm(parameters) -> float:
-    """Global L2 norm of the gradients (what clip_grad_norm_ would clip)."""
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    if not norms:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack(norms)).item()
-
-
 # ---------------------------------------------------------------------------------------------
 # Run directory and metrics
 # ---------------------------------------------------------------------------------------------
@@ -429,3 +406,9 @@ def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
         os._exit(1)  # no cleanup: the parent's run is gone, the newest complete checkpoint is intact
 
     threading.Thread(target=watch, name="ppomax-exit-with-parent", daemon=True).start()
+
+
+def __getattr__(name: str) -> Any:  # reduce_and_clip, grad_norm: moved to ppomax.gradients
+    from ppomax import aliases
+
+    return aliases.moved_name(__name__, name)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ppomax import compat, sharding
-from ppomax.engines import Sampling
+from ppomax.engines.base import Sampling
 from ppomax.models import position_ids_from_mask
 from ppomax.ppo import rollout
 from ppomax.ppo.sampling import DecodeBuffers, finish, sample_step

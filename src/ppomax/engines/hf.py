@@ -22,7 +22,7 @@ import copy
 import torch
 
 from ppomax import sharding
-from ppomax.engines import Generation, Sampling
+from ppomax.engines.base import Generation, Sampling
 from ppomax.training import autocast
 
 

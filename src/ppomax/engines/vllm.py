@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ppomax.engines import Generation, Sampling
+from ppomax.engines.base import Generation, Sampling
 from ppomax.errors import UserError
 
 INSTALL_HINT = (

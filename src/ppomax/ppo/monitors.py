@@ -3,7 +3,7 @@
 Reward and loss curves do not reveal over-optimisation; the paper's indicators are KL to the
 reference rising, the policy's perplexity on its own samples falling, response length drifting
 (often to the cap), and a long tail in the reward distribution. Metric names are fixed and
-documented in docs/metrics.md (generated from ``ppomax.report.METRIC_DOCS``).
+documented in docs/metrics.md (generated from ``ppomax.metrics_doc.METRIC_DOCS``).
 """
 
 from __future__ import annotations

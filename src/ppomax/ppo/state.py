@@ -83,7 +83,7 @@ def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -
         keep=(tr.last_healthy,) if tr.last_healthy and periodic else (), rank_rng=rank_rng,
     )
     if periodic and tr.best is not None:  # rotation may have removed the last record of an older best
-        from ppomax.ppo.evaluation import prune_best
+        from ppomax.ppo.best import prune_best
 
         prune_best(tr)
     dist_lib.barrier(tr.dist)
@@ -198,7 +198,7 @@ def open_run(tr):
     elif main:
         samples.unlink(missing_ok=True)
     if tr.best is not None:  # best/ agrees with the loaded tracker (ppo/evaluation.py)
-        from ppomax.ppo.evaluation import reconcile_best
+        from ppomax.ppo.best import reconcile_best
 
         reconcile_best(tr, resume_ckpt)
     if not main:

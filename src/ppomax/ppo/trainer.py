@@ -30,6 +30,7 @@ from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
+from ppomax.gradients import reduce_and_clip
 from ppomax.ppo import advantages, evaluation, setup
 from ppomax.ppo import state as run_state
 from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_samples
@@ -43,7 +44,7 @@ from ppomax.ppo.rollout import (
     reward_model_scores,
 )
 from ppomax.ppo.setup import IndexSampler
-from ppomax.training import autocast, progress, reduce_and_clip, seed_run, set_seed
+from ppomax.training import autocast, progress, seed_run, set_seed
 
 logger = logging.getLogger("ppomax")
 

