@@ -120,8 +120,8 @@ def test_ablate_two_variants(quick_demo, tmp_path):
 
 
 def test_ablate_variant_spec_and_early_curve_stats():
-    from ppomax.studies.ablate import curve_stats, parse_variants
     from ppomax.config import ConfigError
+    from ppomax.studies.ablate import curve_stats, parse_variants
 
     # a built-in name with a body adds to its overrides; seeds= is the variant's own seed count
     assert parse_variants("vanilla:seeds=5;no_value_clip:seeds=3")["vanilla"] == {"preset": "vanilla", "seeds": 5}

@@ -78,9 +78,9 @@ def test_ppo_evaluation_logs_them_and_calls_the_judge_once_with_every_held_out_r
     """eval/<collapse metric> during PPO is the metric of the decoded held-out responses, and the gold
     judge sees all of them in one call (a set-level judge would see only one generation batch before)."""
     from ppomax.config import PPOConfig
+    from ppomax.metrics_doc import METRIC_DOCS
     from ppomax.models import build_tiny_model
     from ppomax.ppo.trainer import PPOTrainer
-    from ppomax.metrics_doc import METRIC_DOCS
 
     calls = []
 

@@ -132,13 +132,14 @@ def ancestors(mod: str) -> list[str]:
 
 def import_graph(scanned: dict[str, Imports]) -> dict[str, set[str]]:
     """module -> the modules importing it runs: each imported module and its packages, except the
-    importer's own packages (already running when it imports)."""
+    importer's own packages (already running when it imports), unless it imports one by name."""
     graph: dict[str, set[str]] = {m: set() for m in scanned}
     for m, imp in scanned.items():
         own = set(ancestors(m))
         for target, _ in imp.edges:
-            for t in [*ancestors(target), target]:
-                if t != m and t not in own and t in scanned:
+            implicit = [t for t in ancestors(target) if t not in own]  # run on the way, unless already running
+            for t in [*implicit, target]:  # an explicit import of an own package counts: it reads its names
+                if t != m and t in scanned:
                     graph[m].add(t)
     return graph
 
@@ -271,6 +272,13 @@ def test_the_checks_fail_on_a_package_that_breaks_the_rules(tmp_path, monkeypatc
     # tiny_user imports models.loading, which runs the package models, whose __init__ imports models.tiny
     assert find_cycle(import_graph(fake)) == ["ppomax.models", "ppomax.models.tiny", "ppomax.tiny_user", "ppomax.models"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    # a submodule reading its package's names while the package imports the submodule (even in a function)
+    eng = tmp_path / "two" / "ppomax"
+    for name, text in {"__init__.py": "", "eng/__init__.py": "def make():\n    from ppomax.eng.vllm import V\n",
+                       "eng/vllm.py": "from ppomax.eng import Sampling\n"}.items():
+        (eng / name).parent.mkdir(parents=True, exist_ok=True)
+        (eng / name).write_text(text)
+    assert find_cycle(import_graph(scan(eng))) == ["ppomax.eng", "ppomax.eng.vllm", "ppomax.eng"]
 
 
 # ---------------------------------------------------------------------------------------------

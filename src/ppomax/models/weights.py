@@ -9,8 +9,8 @@ import os
 import torch
 from torch import nn
 
-from ppomax.models.lora import is_peft_model, load_adapter_weights, load_sharded_adapter_weights
 from ppomax.models.loading import ModelFormatError
+from ppomax.models.lora import is_peft_model, load_adapter_weights, load_sharded_adapter_weights
 from ppomax.models.scalar_head import HEAD_WEIGHTS, ScalarHeadModel
 
 

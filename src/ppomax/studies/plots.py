@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 # Fixed colours so a method looks the same in every figure and report.
 _FIXED_COLORS = {"ppo_max": "#1a9850", "vanilla": "#d73027", "sft": "#636363"}
 # Qualitative palette without greens/reds, so other methods are not confused with the two above.
@@ -64,6 +63,10 @@ _RC = {
 }
 
 
+def is_number(x: Any) -> bool:
+    """An int or a float, not a bool (JSON numbers of a metrics row)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 def ppo_step_of(row: Mapping[str, Any]) -> int:
     """The x of a PPO row: its PPO iteration (``ppo_step``), so runs with and without critic
     pre-training line up; ``step`` counts pre-training iterations too."""
@@ -75,7 +78,7 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], lis
     pts = sorted(
         (ppo_step_of(r), float(r[key]))
         for r in rows
-        if r.get("phase", "ppo") == "ppo" and "step" in r and _is_number(r.get(key)) and math.isfinite(r[key])
+        if r.get("phase", "ppo") == "ppo" and "step" in r and is_number(r.get(key)) and math.isfinite(r[key])
     )
     return [s for s, _ in pts], [v for _, v in pts]
 

@@ -29,6 +29,7 @@ from ppomax.metrics_doc import (  # noqa: F401  (re-exported: report is where us
 from ppomax.studies.plots import (  # noqa: F401  (re-exported: the reports and their plots, one import)
     PANELS,
     Panel,
+    is_number,
     method_colors,
     plot_curves,
     plot_grid,
@@ -67,7 +68,7 @@ def mean_curve(seed_runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict]:
                 continue
             acc = sums.setdefault(ppo_step_of(row), {})
             for key, value in row.items():
-                if key not in ("step", "ppo_step", "phase") and _is_number(value):
+                if key not in ("step", "ppo_step", "phase") and is_number(value):
                     acc.setdefault(key, []).append(float(value))
     return [
         {"step": step, "ppo_step": step, "phase": "ppo", **{k: sum(v) / len(v) for k, v in acc.items()}}
@@ -111,17 +112,13 @@ _READING_GUIDE = (
 )
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _fmt(x: Any) -> str:
     """3 significant digits without exponent in the usual range; missing / NaN -> "–"."""
-    if x is None or (_is_number(x) and not math.isfinite(x)):
+    if x is None or (is_number(x) and not math.isfinite(x)):
         return _DASH
     if isinstance(x, bool):
         return "yes" if x else "no"
-    if not _is_number(x):
+    if not is_number(x):
         return str(x)
     if abs(x) >= 1000:
         return f"{x:.0f}"  # '.3g' would print 1.23e+03
@@ -311,7 +308,7 @@ def write_ablation_report(
             v = r.get(k)
             mean, lo, hi = v if isinstance(v, (list, tuple)) else (v, None, None)
             cell = _fmt(mean)
-            if (r.get("n_seeds") or 1) > 1 and _is_number(lo) and _is_number(hi) and math.isfinite(hi - lo):
+            if (r.get("n_seeds") or 1) > 1 and is_number(lo) and is_number(hi) and math.isfinite(hi - lo):
                 cell += f" ± {_fmt((hi - lo) / 2)}"
             if not is_base and r.get("significant", {}).get(k):
                 cell += " *"
