@@ -73,11 +73,11 @@ def test_a_judge_that_draws_random_numbers_draws_on_the_evaluations_streams(tiny
 def test_baseline_is_the_paired_win_rate_with_its_wilson_interval():
     """Scores [1, 1, 1] against the base's [0, 1, 2]: a win, a tie (½) and a loss = 1.5 / 3 = 0.5.
     Wilson at p = 0.5, n = 3, z = 1.96: centre (0.5 + 1.9208/3) / (1 + 3.8416/3) = 0.5,
-    half 1.96·sqrt(0.25/3 + 3.8416/36) / 2.28053 = 1.96 · 0.435937 / 2.28053 = 0.374671."""
+    half 1.96·sqrt(0.25/3 + 3.8416/36) / 2.280533 = 1.96 · 0.4359408 / 2.280533 = 0.3746685."""
     base = E.Baseline([0.0, 1.0, 2.0], "sft")
     v = base.versus([1.0, 1.0, 1.0])
     assert list(v) == ["win_rate_vs_sft", "win_rate_ci"] and v["win_rate_vs_sft"] == 0.5
-    assert v["win_rate_ci"] == pytest.approx([0.5 - 0.374671, 0.5 + 0.374671], abs=1e-6)
+    assert v["win_rate_ci"] == pytest.approx([0.5 - 0.3746685, 0.5 + 0.3746685], abs=1e-7)
     samples = {"prompts": ["a"] * 3, "responses": ["x y", "x", "z"], "truncated": [False, True, False],
                "length": [2, 1, 1], "nll": [1.0, 2.0, 1.0], "kl": [0.1, 0.2, 0.3], "rm": [3.0, 1.0, 2.0]}
     report = base.report(samples, [1.0, 1.0, 1.0])
