@@ -85,3 +85,16 @@ def test_baseline_is_the_paired_win_rate_with_its_wilson_interval():
     assert report["perplexity"] == pytest.approx(torch.tensor(1.0).exp().item())  # exp(4 nats / 4 tokens)
     assert list(report)[-2:] == ["win_rate_vs_sft", "win_rate_ci"]  # after summarize()'s metrics
     assert base.report(samples, None, scores=[2.0, 2.0, 2.0])["win_rate_vs_sft"] == pytest.approx(2.5 / 3)
+
+
+def test_a_task_needs_its_judge_from_the_caller_before_any_model_loads(tmp_path):
+    """The library does not import the studies' tasks: ``ppomax eval --task reviews`` gets the judge from the
+    CLI (tests/test_demo.py runs it); in Python, EvalConfig(task=...) without gold_fn is a ConfigError naming
+    the field, raised before the (missing) model is touched."""
+    from ppomax.config import ConfigError, EvalConfig
+
+    cfg = EvalConfig(model_name_or_path=str(tmp_path / "no_model"), output_dir=str(tmp_path / "o"), task="reviews",
+                     device="cpu")
+    with pytest.raises(ConfigError, match=r"EvalConfig.task = 'reviews'.*gold_fn="):
+        E.evaluate(cfg)
+    assert not (tmp_path / "o").exists()
