@@ -17,7 +17,6 @@ Critic pre-training (Sec. 5.4) runs the same loop with the policy frozen for
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,8 +39,6 @@ from ppomax.ppo.reward_fn import RewardFunction
 from ppomax.ppo.rollout import Experience
 from ppomax.ppo.setup import IndexSampler
 from ppomax.training import autocast, progress, seed_run, set_seed
-
-logger = logging.getLogger("ppomax")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
