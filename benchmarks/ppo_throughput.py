@@ -195,7 +195,8 @@ def child_ppomax(spec: dict) -> dict:
         options = {k: getattr(cfg, k) for k in spec.get("ppomax_options", {})}  # as the trainer saw them
         trainer = PPOTrainer(cfg, prompts=prompts)
         if torch.cuda.is_available():  # phase times: each phase's kernels end inside its timer
-            for obj, name in ((trainer.engine, "generate"), (trainer, "_score"), (trainer, "_in_chunks")):
+            for obj, name in ((trainer.engine, "generate"), (trainer.forwards, "score"),
+                              (trainer.forwards, "in_chunks")):
                 setattr(obj, name, _synced(getattr(obj, name)))
         stamps: list[float] = []
         step = trainer.step

@@ -298,8 +298,9 @@ def test_every_reseed_in_the_library_goes_through_the_fork_helper():
 STEP_FILES = ("distributed.py", "sharding.py", "loop.py", "training.py", "gradients.py", "functional/reductions.py",
               "functional/logprobs.py", "functional/rewards.py", "functional/estimators.py", "functional/losses.py",
               "sft.py", "reward.py", "evaluate.py", "engines/__init__.py", "engines/base.py", "engines/hf.py",
-              "engines/vllm.py", "ppo/trainer.py", "ppo/rollout.py", "ppo/setup.py", "ppo/state.py", "ppo/advantages.py",
-              "ppo/evaluation.py", "ppo/best.py", "ppo/monitors.py")
+              "engines/vllm.py", "engines/graph_decode.py", "ppo/trainer.py", "ppo/rollout.py", "ppo/sampling.py",
+              "ppo/setup.py", "ppo/state.py", "ppo/advantages.py", "ppo/evaluation.py", "ppo/best.py", "ppo/monitors.py",
+              "ppo/experience.py", "ppo/update.py")
 FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "eye", "linspace", "logspace",
              "rand", "randn", "randint", "randperm", "empty_strided", "tril_indices", "triu_indices"}
 # (file, function) -> why a factory there needs no device=: host-side values that never meet a device tensor.

@@ -73,7 +73,7 @@ def test_reference_is_the_base_model_with_adapters_disabled(tiny, tmp_path):
     base = M.load_causal_lm(tiny).eval().to(trainer.device)
     parts = fixed_parts(trainer)
     with torch.no_grad():
-        ref = trainer._ref_logprobs(parts)
+        ref = trainer.forwards.ref_logprobs(parts)
         expect = response_logprobs(base, parts, trainer.cfg.temperature)
         adapted = response_logprobs(trainer.policy, parts, trainer.cfg.temperature)
     assert torch.equal(ref, expect)  # exactly the base model's log-probs
@@ -87,7 +87,7 @@ def test_ppo_step_trains_only_lora_and_keeps_the_reference(tiny, tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     critic_before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
     with torch.no_grad():
-        ref_before = trainer._ref_logprobs(parts)
+        ref_before = trainer.forwards.ref_logprobs(parts)
     trainer.train()
     changed = {n for n, p in trainer.policy.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
@@ -99,7 +99,7 @@ def test_ppo_step_trains_only_lora_and_keeps_the_reference(tiny, tmp_path):
     opt_params = {id(p) for g in trainer.policy_opt.param_groups for p in g["params"]}
     assert opt_params == {id(p) for n, p in trainer.policy.named_parameters() if "lora_" in n}
     with torch.no_grad():
-        assert torch.equal(trainer._ref_logprobs(parts), ref_before)
+        assert torch.equal(trainer.forwards.ref_logprobs(parts), ref_before)
 
 
 def _param_bytes(*models) -> int:

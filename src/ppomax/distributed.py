@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ppomax.errors import UserError
+
 logger = logging.getLogger("ppomax")
 
 
@@ -312,6 +314,53 @@ def gather_rng_states(d: Dist) -> dict[str, torch.Tensor]:
             if r > 0:
                 out[f"{name}_rank{r}"] = x.cpu()
     return out
+
+
+def broadcast_text(text: str, d: Dist) -> str:
+    """Rank 0's ``text`` on every rank (the others pass anything): its UTF-8 bytes in a uint8 tensor on
+    ``d.device``, after their count, so nothing is pickled. Collective: every rank waits for rank 0."""
+    if not d.enabled:
+        return text
+    data = text.encode("utf-8") if d.is_main else b""
+    n = torch.tensor([len(data)], dtype=torch.int64, device=d.device)
+    _dist().broadcast(n, src=0)
+    if n.item() == 0:
+        return ""
+    buf = (torch.tensor(list(data), dtype=torch.uint8, device=d.device) if d.is_main
+           else torch.empty(int(n.item()), dtype=torch.uint8, device=d.device))
+    _dist().broadcast(buf, src=0)
+    return bytes(buf.tolist()).decode("utf-8")
+
+
+class MainRankError(UserError):
+    """Work that rank 0 did for every rank (writing a checkpoint, checking one) failed there: raised on the
+    other ranks with rank 0's message."""
+
+
+def run_on_main(fn, d: Dist):
+    """``fn()`` on rank 0 while the other ranks wait; every rank returns once rank 0 has finished (rank 0
+    with ``fn``'s result, the others with None).
+
+    When ``fn`` raises on rank 0, every rank raises: rank 0 its own error, the others a
+    :class:`MainRankError` with the same message (a non-UserError's is prefixed with its type). Without
+    this, rank 0 would leave and the others would wait at their next collective until the process
+    group timed out (30 minutes under gloo)."""
+    if not d.enabled:
+        return fn()
+    result, error, message = None, None, ""
+    if d.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            message = message or type(e).__name__  # never empty: "" means success below
+    message = broadcast_text(message, d)  # the others wait here, as at a barrier, until rank 0 is done
+    if error is not None:
+        raise error
+    if message:
+        raise MainRankError(message)
+    return result
 
 
 def barrier(d: Dist) -> None:

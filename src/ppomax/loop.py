@@ -94,9 +94,7 @@ def run_supervised(
     device = d.device  # the model is moved here (models passed in Python too)
     out = Path(cfg.output_dir)
     resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
-    if d.is_main:
-        prepare_output_dir(cfg, stage)
-    dist_lib.barrier(d)
+    dist_lib.run_on_main(lambda: prepare_output_dir(cfg, stage), d)  # a refused dir stops every rank
     mode = sharding.resolve_mode(cfg.sharding, d.world_size)
     if cfg.gradient_checkpointing:
         compat.enable_activation_checkpointing(model)  # the current transformers name, or the older one
@@ -140,11 +138,11 @@ def run_supervised(
         saved_model, saved_opt = model, optimizer
         if mode != "none":  # gathered on every rank (collective); rank 0 writes the whole
             saved_model, saved_opt = sharding.GatheredModel(model), sharding.GatheredOptimizer(model, optimizer)
-        if d.is_main:
-            st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
-            ckpt_lib.save_checkpoint(out, at_step, {"model": saved_model}, {"model": saved_opt}, st,
-                                     tokenizer=tokenizer, save_total_limit=cfg.save_total_limit)
-        dist_lib.barrier(d)
+        st = {"stage": stage, "epoch": epoch, "batch_pos": batch_pos, "scheduler": scheduler_state(scheduler)}
+        # rank 0 writes; a failed write (disk full) is raised on every rank, none waits for it
+        dist_lib.run_on_main(lambda: ckpt_lib.save_checkpoint(out, at_step, {"model": saved_model}, {"model": saved_opt},
+                                                            st, tokenizer=tokenizer,
+                                                            save_total_limit=cfg.save_total_limit), d)
 
     bar = progress(total=total, desc=stage, disable=cfg.disable_tqdm or not d.is_main, initial=step)
     running: dict[str, list[float]] = {}
@@ -209,7 +207,5 @@ def run_supervised(
         bar.close()
         metrics.close()
     final_model = sharding.GatheredModel(model) if mode != "none" else model
-    if d.is_main:
-        save_model(final_model, out)
-    dist_lib.barrier(d)
+    dist_lib.run_on_main(lambda: save_model(final_model, out), d)
     return metrics.rows

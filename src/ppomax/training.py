@@ -334,7 +334,11 @@ class MetricsLogger:
         if "tensorboard" in integrations:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+            # Resumed: the events of steps after the resumed one (logged before a crash) are purged, as
+            # metrics.jsonl's rows are: SummaryWriter's purge_step writes a restart marker, and TensorBoard
+            # hides the earlier events at steps >= it, so each step shows once.
+            self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
         if "wandb" in integrations:  # the project from WANDB_PROJECT, as transformers' WandbCallback
             import wandb
 

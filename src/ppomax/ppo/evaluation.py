@@ -57,10 +57,11 @@ def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
 
     def score_batch(start: int, parts: tuple, gen) -> dict:
         mask = parts[3]
-        logp = tr._in_chunks(lambda *x: tr._logprobs(tr.policy, x, cfg.temperature), parts) * mask
-        ref = tr._in_chunks(lambda *x: tr._ref_logprobs(x), parts) * mask
+        fw = tr.forwards  # the rollout's forwards (ppo/experience.py)
+        logp = fw.in_chunks(lambda *x: fw.logprobs_fn(tr.policy, x, cfg.temperature), parts) * mask
+        ref = fw.in_chunks(lambda *x: fw.ref_logprobs(x), parts) * mask
         rows = tr.eval_prompt_rows[start : start + bs] if tr.eval_prompt_rows else None
-        return dict(texts=decode(tr.tokenizer, *parts), logp=logp, ref_logp=ref, rm=tr._score(*parts, rows, gen.truncated))
+        return dict(texts=decode(tr.tokenizer, *parts), logp=logp, ref_logp=ref, rm=fw.score(*parts, rows, gen.truncated))
 
     # the same eval samples for a given policy, whatever the step; every device's stream is restored
     samples, gold = sample_and_score(tr.engine, tr.sampling, prompt_ids, bs, tr.pad_id, tr.device, cfg.seed + 7919,

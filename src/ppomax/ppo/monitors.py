@@ -8,12 +8,15 @@ documented in docs/metrics.md (generated from ``ppomax.metrics_doc.METRIC_DOCS``
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ppomax import functional as F
+
+logger = logging.getLogger("ppomax")
 
 # A metric logged only by ranks with something to measure -> the row metric that weighs each rank's value.
 _WEIGHTED = {"reward/truncated_mean": "response/truncated_frac"}
@@ -107,6 +110,16 @@ def write_samples(path, row: dict, prompts: list[str], responses: list[str], sco
                                  "gold": gold[i] if gold else None}) + "\n")
 
 
+def write_sample_rows(path, row: dict, exp, n: int, decode, gold: list[float] | None) -> None:
+    """The first ``n`` responses of the rollout ``exp`` (a ppo/rollout.Experience) into samples.jsonl, as text
+    (``decode``: (prompt_ids, prompt_mask, response_ids, mask) -> (prompts, responses)), with their scores and
+    the judge's ``gold`` scores when there is a judge."""
+    n = min(n, exp.scores.numel())
+    if n:
+        texts = decode(exp.prompt_ids[:n], exp.prompt_mask[:n], exp.response_ids[:n], exp.mask[:n])
+        write_samples(path, row, *texts, exp.scores[:n].tolist(), gold)
+
+
 @dataclass
 class CollapseGuard:
     """Thresholds on the monitors; ``check`` returns the reasons a step looks collapsed.
@@ -122,6 +135,22 @@ class CollapseGuard:
     start_ppl: float | None = None
     start_truncated: float | None = None
     start_tail: float | None = None
+    last_warning: int = -10**9  # iteration of the last collapse warning in the log (not checkpointed)
+
+    def act(self, row: dict, mode: str, iteration: int) -> str | None:
+        """The guard's decision on a PPO row under ``mode`` (--collapse_guard): None, 'rollback' or 'stop'.
+        The reasons go into ``row["collapse"]``; the log gets the first signal, then (under 'warn') at most
+        one every 25 iterations: every signal is in metrics.jsonl."""
+        if mode == "off":
+            return None
+        reasons = self.check(row)
+        if not reasons:
+            return None
+        row["collapse"] = reasons
+        if mode != "warn" or iteration - self.last_warning >= 25:
+            self.last_warning = iteration
+            logger.warning("iteration %d: collapse signal: %s", iteration, "; ".join(reasons))
+        return None if mode == "warn" else mode
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         reasons = []

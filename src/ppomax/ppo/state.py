@@ -61,7 +61,9 @@ def _trained(tr) -> tuple[dict[str, Any], dict[str, Any]]:
 def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -> Path | None:
     """Write ``<run_dir>/checkpoint-<iteration>`` (default: the output dir, rotated to the config's
     save_total_limit; elsewhere to ``save_total_limit``, None: no rotation); None (and a warning) when a
-    model holds NaN/inf weights."""
+    model holds NaN/inf weights. Every rank takes part (gathering shards and RNG states); rank 0 writes, and
+    a write that fails there (disk full, permissions) raises its CheckpointError's message on every rank
+    (distributed.run_on_main): no rank is left waiting for a checkpoint that will never be complete."""
     bad = nonfinite_weights(tr)
     if bad:
         logger.warning("iteration %d: checkpoint not saved: non-finite weights in %s (the last checkpoint "
@@ -73,21 +75,22 @@ def save(tr, run_dir: Path | None = None, save_total_limit: int | None = None) -
         models = {k: sharding.GatheredModel(m) for k, m in models.items()}
     rank_rng = dist_lib.gather_rng_states(tr.dist)  # each rank's sampling stream, for exact resume
     run_dir = tr.out if run_dir is None else run_dir
-    if not tr.dist.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
-        dist_lib.barrier(tr.dist)
-        return run_dir / f"checkpoint-{tr.iteration}"
     periodic = run_dir == tr.out
-    path = ckpt_lib.save_checkpoint(
-        run_dir, tr.iteration, models, opts, state_dict(tr),
-        tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit if periodic else save_total_limit,
-        keep=(tr.last_healthy,) if tr.last_healthy and periodic else (), rank_rng=rank_rng,
-    )
-    if periodic and tr.best is not None:  # rotation may have removed the last record of an older best
-        from ppomax.ppo.best import prune_best
 
-        prune_best(tr)
-    dist_lib.barrier(tr.dist)
-    return path
+    def write() -> Path:
+        path = ckpt_lib.save_checkpoint(
+            run_dir, tr.iteration, models, opts, state_dict(tr),
+            tokenizer=tr.tokenizer, save_total_limit=tr.cfg.save_total_limit if periodic else save_total_limit,
+            keep=(tr.last_healthy,) if tr.last_healthy and periodic else (), rank_rng=rank_rng,
+        )
+        if periodic and tr.best is not None:  # rotation may have removed the last record of an older best
+            from ppomax.ppo.best import prune_best
+
+            prune_best(tr)
+        return path
+
+    dist_lib.run_on_main(write, tr.dist)  # the other ranks wait until the checkpoint is complete
+    return run_dir / f"checkpoint-{tr.iteration}"
 
 
 def nonfinite_weights(tr) -> list[str]:
@@ -140,7 +143,12 @@ def load(tr, path: Path, restore_rng: bool = True) -> None:
 def rollback(tr) -> bool:
     """The collapse guard's rollback: restore the last healthy checkpoint (its RNG streams are not
     restored, so the run does not replay the same samples), raise η, keep counting iterations forward.
-    False (and a warning; the guard acts as 'warn') when there is no healthy checkpoint."""
+    False (and a warning; the guard acts as 'warn') when there is no healthy checkpoint.
+
+    The checkpoint is verified against its manifest first, as resume verifies one named explicitly
+    (checkpoint.verify_checkpoint; rank 0 reads it, every rank gets the outcome): a damaged one is a
+    CheckpointError naming the bad file, raised on every rank before anything is loaded. It is never
+    replaced by another checkpoint: the periodic ones may hold the collapsed policy."""
     from ppomax.config import PPOConfig
 
     if not tr.last_healthy or not (Path(tr.last_healthy) / "COMPLETE").exists():
@@ -149,6 +157,16 @@ def rollback(tr) -> bool:
         return False
     healthy = Path(tr.last_healthy)
 
+    def verify() -> None:
+        try:
+            ckpt_lib.verify_checkpoint(healthy)
+        except ckpt_lib.CheckpointError as e:
+            raise ckpt_lib.CheckpointError(
+                f"collapse guard 'rollback': cannot roll back to the last healthy checkpoint, {e}. Nothing was "
+                f"loaded; the run stopped at iteration {tr.iteration}. Resume from an intact checkpoint saved "
+                f"before the collapse (--resume_from DIR/checkpoint-N)") from None
+
+    dist_lib.run_on_main(verify, tr.dist)
     # η × factor; an η of 0 (vanilla) would stay 0, so it becomes the PPO-max value instead.
     eta = tr.kl_coef * tr.cfg.rollback_kl_factor if tr.kl_coef > 0 else PPOConfig.__dataclass_fields__["kl_coef"].default
     logger.warning("rolling back to %s; η %g -> %g", healthy, tr.kl_coef, eta)
@@ -185,9 +203,7 @@ def open_run(tr):
 
     cfg, main = tr.cfg, tr.dist.is_main
     resume_ckpt = ckpt_lib.resolve_resume(cfg.output_dir, cfg.resume_from) if cfg.resume_from else None
-    if main:
-        prepare_output_dir(cfg, "ppo")
-    dist_lib.barrier(tr.dist)
+    dist_lib.run_on_main(lambda: prepare_output_dir(cfg, "ppo"), tr.dist)  # a refused dir stops every rank
     samples = tr.out / "samples.jsonl"
     if resume_ckpt is not None:
         load(tr, resume_ckpt)
@@ -210,13 +226,15 @@ def open_run(tr):
 def save_final(tr) -> None:
     """At the end of training: the policy as a plain HF model in output_dir, in --torch_dtype, with the
     tokenizer (LoRA merged, or the adapter with --save_merged false; ppomax/publish.py); then
-    --push_to_hub. Every rank takes part in gathering a sharded policy; rank 0 writes."""
+    --push_to_hub. Every rank takes part in gathering a sharded policy; rank 0 writes (its failure is
+    raised on every rank, as in :func:`save`)."""
     from ppomax import publish
     from ppomax.models import is_peft_model
 
     cfg = tr.cfg
     gathered = sharding.GatheredModel(tr.policy) if tr.sharding != "none" else None
-    if tr.dist.is_main:
+
+    def write() -> None:
         dtype = publish.save_dtype(cfg.torch_dtype, cfg.model_name_or_path)
         if gathered is not None and is_peft_model(tr.policy):  # merging needs whole LoRA layers: save the adapter
             logger.warning("sharded LoRA run: the final model is the peft adapter; merge it with `ppomax export "
@@ -227,4 +245,5 @@ def save_final(tr) -> None:
             publish.save_final(tr.policy, tr.out, tr.tokenizer, dtype, merged=cfg.save_merged,
                                state=gathered.state if gathered is not None else None)
         publish.push(cfg, tr.out, "ppo")
-    dist_lib.barrier(tr.dist)
+
+    dist_lib.run_on_main(write, tr.dist)

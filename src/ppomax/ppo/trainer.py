@@ -1,13 +1,15 @@
 """PPOTrainer: the PPO-max loop, top to bottom.
 
-One iteration (PPO_MAX.md "One PPO iteration"):
-    make_experience  -> sample prompts (k per prompt), generate with the rollout engine
-                        (ppomax.engines: hf or vllm), score, forward π_old / π_ref / V_old
-    compute_advantages -> score processing (Eq. 18), KL shaping, the advantage estimator
-                        (ppo/advantages.py: GAE, or critic-free grpo / rloo / reinforce_pp)
-    update           -> num_ppo_epochs × mini-batches of clipped policy (+ value) loss (+ ptx),
-                        then the engine is synced to the new weights
-    eval (--eval_steps) / log / checkpoint (ppo/state.py) / collapse guard
+One iteration (PPO_MAX.md "One PPO iteration"; DESIGN.md's data flow), each arrow a call into ppo/:
+    make_experience    -> sample prompts (k per prompt), generate with the rollout engine (ppomax.engines:
+                          hf or vllm), score, forward π_old / π_ref / V_old             (ppo/experience.py)
+    compute_advantages -> score processing (Eq. 18), KL shaping, the advantage estimator: GAE, or
+                          critic-free grpo / rloo / reinforce_pp                        (ppo/advantages.py)
+    update             -> num_ppo_epochs × mini-batches of clipped policy (+ value) loss (+ ptx); a step
+                          with a non-finite loss or gradient is skipped (ppo/update.py); then the engine
+                          is synced to the new weights
+    eval (--eval_steps) / log / samples / collapse guard / checkpoint
+                          (ppo/evaluation.py, ppo/monitors.py, ppo/state.py)
 
 Critic pre-training (Sec. 5.4) runs the same loop with the policy frozen for
 ``critic_pretrain_steps`` iterations first.
@@ -15,8 +17,6 @@ Critic pre-training (Sec. 5.4) runs the same loop with the policy frozen for
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,23 +30,15 @@ from ppomax import sharding
 from ppomax.config import ConfigError, PPOConfig
 from ppomax.engines import Sampling, make_engine
 from ppomax.errors import UserError
-from ppomax.gradients import reduce_and_clip
-from ppomax.ppo import advantages, evaluation, setup
+from ppomax.ppo import advantages, evaluation, experience, setup
 from ppomax.ppo import state as run_state
-from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_samples
+from ppomax.ppo import update as update_lib
+from ppomax.ppo.experience import Forwards
+from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_sample_rows
 from ppomax.ppo.reward_fn import RewardFunction
-from ppomax.ppo.rollout import (
-    Experience,
-    cat_padded,
-    maybe_compile,
-    response_logprobs,
-    response_values,
-    reward_model_scores,
-)
+from ppomax.ppo.rollout import Experience
 from ppomax.ppo.setup import IndexSampler
 from ppomax.training import autocast, progress, seed_run, set_seed
-
-logger = logging.getLogger("ppomax")
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 GoldFn = Callable[[list[str], list[str], list[bool]], Sequence[float]]
@@ -146,15 +138,19 @@ class PPOTrainer:
         self.score_moments = F.RunningMoments()
         self.kl_ctl = F.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
-        # torch.compile (issue #5): the rollout and training forwards, compiled on first call if cfg.torch_compile
-        self._logprobs, self._values, self._rm_scores = (maybe_compile(f, cfg.torch_compile) for f in
-                                                         (response_logprobs, response_values, reward_model_scores))
+        # The models as functions of a batch (torch.compile'd on first call with --torch_compile, issue #5):
+        # the rollout's forwards, and the same log π / V functions for the update's training forward.
+        self.forwards = Forwards(cfg, self.policy, self.ref_policy, self.critic, self.reward_model, self.reward_fn,
+                                 tokenizer, self.device)
+        self._logprobs, self._values = self.forwards.logprobs_fn, self.forwards.values_fn
         self.sampler = IndexSampler(len(self.prompt_ids), cfg.seed)
         self.ptx_sampler = IndexSampler(len(self.ptx_examples), cfg.seed + 1) if self.ptx_examples else None
         self.guard = CollapseGuard(cfg.collapse_kl, cfg.collapse_ppl_ratio, cfg.collapse_truncated, cfg.collapse_reward_tail)
         self.iteration = 0  # global counter: critic pre-training iterations, then PPO iterations
         self.consecutive_skips = 0
         self._nonfinite: list[str] = []  # non-finite losses seen since the last optimizer step
+        self._last_exp: Experience | None = None  # the latest rollout and its judge scores: samples.jsonl
+        self._last_gold: list[float] | None = None
         self.last_healthy: str | None = None
         self.out = Path(cfg.output_dir)
         if self.dist.enabled:  # distinct sampling per rank
@@ -189,11 +185,15 @@ class PPOTrainer:
                 row.update(step=self.iteration, phase="critic_pretrain" if pretrain else "ppo",
                            ppo_step=max(0, self.iteration - cfg.critic_pretrain_steps))
                 improved = not pretrain and evaluation.evaluate_step(self, row)  # --eval_steps: eval/* into the row
-                action = self._collapse_check(row, pretrain)  # before logging: the row carries `collapse`
+                # before logging: the row carries `collapse`; 'rollback' restores the last healthy checkpoint
+                action = None if pretrain else self.guard.act(row, cfg.collapse_guard, self.iteration)
+                if action == "rollback" and not run_state.rollback(self):
+                    action = None  # no healthy checkpoint yet: the guard acts as 'warn'
                 if self.iteration % cfg.logging_steps == 0 or self.iteration == self.total_iterations:
                     self.metrics.log(row)
-                    if main:
-                        self._write_samples(samples_path, row)
+                    if main and self._last_exp is not None:  # the first num_sample_generations rollouts
+                        write_sample_rows(samples_path, row, self._last_exp, cfg.num_sample_generations,
+                                          self.forwards.decode, self._last_gold)
                 bar.update(1)
                 bar.set_postfix({short: f"{row[k]:.3g}" for k, short in _POSTFIX.items() if k in row})
                 if action == "stop":
@@ -239,13 +239,15 @@ class PPOTrainer:
             return row
         row.update(experience_metrics(exp, self.critic is not None))
         row["kl/coef"] = self.kl_coef
-        if self.gold_fn is not None:
-            row.update(self._gold_metrics(exp))
+        if self.gold_fn is not None:  # a task's judge: logged, never trained on
+            texts = self.forwards.decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
+            self._last_gold = [float(x) for x in self.gold_fn(*texts, exp.truncated.tolist())]
+            row.update(gold_metrics(self._last_gold))
         t1 = time.perf_counter()
         stats = self.update(exp, train_policy=train_policy)
         row["time/train"] = time.perf_counter() - t1
         row.update(stats)
-        row = self._reduce_row(row)
+        row = reduce_row(row, self.dist)  # over ranks (the update's token means are global already)
         if self._applied_steps == 0:  # every optimizer step was skipped: no optimisation state may move,
             self.score_moments.load_state_dict(moments)  # and the iteration counts as skipped
             row.update(self._skip(row.get("skip_cause", "no optimizer step applied")))
@@ -262,87 +264,18 @@ class PPOTrainer:
         return row
 
     # =========================================================================================
-    # Experience
+    # Experience (ppo/experience.py)
     # =========================================================================================
 
-    @torch.no_grad()
     def make_experience(self) -> tuple[Experience, dict[str, float]]:
-        from ppomax.data import collate_prompts
-
-        cfg = self.cfg
+        """Roll out this rank's share of a rollout batch, k samples per prompt; (Experience, time/*)."""
+        cfg, d = self.cfg, self.dist
         idx = self.sampler.take(cfg.rollout_batch_size)  # the same global sample on every rank
-        n = len(idx) // self.dist.world_size
-        idx = idx[self.dist.rank * n : (self.dist.rank + 1) * n]  # this rank's slice: whole prompt groups
+        n = len(idx) // d.world_size
+        idx = idx[d.rank * n : (d.rank + 1) * n]  # this rank's slice: whole prompt groups
         idx = [i for i in idx for _ in range(cfg.num_samples_per_prompt)]  # k samples per prompt, contiguous
-        batch = collate_prompts([self.prompt_ids[i] for i in idx], self.pad_id)
-        prompt_ids, prompt_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        timings = {"time/generate": 0.0, "time/score": 0.0, "time/forward": 0.0}
-        chunks = []
-        self.policy.eval()
-        # log π_old from the sampling logits saves a policy forward; in fp32 they match it to ~1e-6,
-        # under autocast to ~1e-2, so 'auto' recomputes there (then the first ratio is exactly 1).
-        # vLLM's kernels differ numerically from the trainer's: 'auto' means forward there (issue #12)
-        vllm, gaps = self.engine.name == "vllm", []
-        gen_logp = cfg.rollout_logprobs == "generate" or (cfg.vllm_logprobs_as_old if vllm else (
-            cfg.rollout_logprobs == "auto" and not (cfg.bf16 or cfg.fp16)))
-        for s in range(0, len(idx), cfg.generation_batch_size):
-            p_ids, p_mask = prompt_ids[s : s + cfg.generation_batch_size], prompt_mask[s : s + cfg.generation_batch_size]
-            t = time.perf_counter()
-            gen = self.engine.generate(p_ids, p_mask, self.sampling, return_logprobs=gen_logp or vllm)
-            resp, mask, truncated = gen.response_ids, gen.mask, gen.truncated
-            timings["time/generate"] += time.perf_counter() - t
-            t = time.perf_counter()
-            rows = [self.prompt_rows[i] for i in idx[s : s + len(p_ids)]]  # what a reward_fn may be passed
-            scores = self._score(p_ids, p_mask, resp, mask, rows, truncated)
-            timings["time/score"] += time.perf_counter() - t
-            t = time.perf_counter()
-            parts = (p_ids, p_mask, resp, mask)
-            with autocast(self.device, cfg.bf16, cfg.fp16):
-                if gen_logp:
-                    logp = gen.logprobs
-                else:
-                    logp = self._in_chunks(lambda *x: self._logprobs(self.policy, x, cfg.temperature), parts)
-                ref_logp = self._in_chunks(lambda *x: self._ref_logprobs(x), parts)
-                values = (self._in_chunks(lambda *x: self._values(self.critic.eval(), *x), parts)
-                          if self.critic is not None else torch.zeros_like(mask))  # critic-free: no baseline
-            timings["time/forward"] += time.perf_counter() - t
-            if vllm and not gen_logp:  # |vLLM − trainer| log π_old on response tokens (docs/metrics.md)
-                gaps.append((gen.logprobs - logp.float()).abs()[mask.bool()])
-            chunks.append((p_ids, p_mask, resp, mask, truncated, logp * mask, ref_logp * mask, values.float() * mask, scores))
-        exp = Experience(*cat_padded(chunks, self.pad_id))
-        if gaps and (g := torch.cat(gaps)).numel():
-            timings.update({"rollout/logprob_gap_mean": g.mean().item(), "rollout/logprob_gap_max": g.max().item()})
-        return exp, timings
-
-    def _in_chunks(self, fn, parts) -> torch.Tensor:
-        """``fn(*parts)`` over row chunks of per_device_train_batch_size, concatenated: a rollout
-        forward over a few thousand tokens keeps its activations in cache (~25 % faster on CPU
-        than one forward over the whole generation batch), and memory stays that of a micro-batch."""
-        n, B = self.cfg.per_device_train_batch_size, parts[0].shape[0]
-        if B <= n:
-            return fn(*parts)
-        return torch.cat([fn(*(x[s : s + n] for x in parts)) for s in range(0, B, n)], dim=0)
-
-    def _ref_logprobs(self, parts) -> torch.Tensor:
-        """log π_ref (B, T): the reference model, or with LoRA the policy with its adapters disabled."""
-        if self.ref_policy is not None:
-            return self._logprobs(self.ref_policy, parts, self.cfg.temperature)
-        with self.policy.disable_adapter():
-            return self._logprobs(self.policy, parts, self.cfg.temperature)
-
-    def _score(self, p_ids, p_mask, resp, mask, rows=None, truncated=None) -> torch.Tensor:
-        """r(x, y) (B,): the reward model at the last response token, or the reward_fn (ppo/reward_fn.py)."""
-        if self.reward_fn is None:
-            with autocast(self.device, self.cfg.bf16, self.cfg.fp16):
-                return self._in_chunks(lambda *x: self._rm_scores(self.reward_model, *x),
-                                       (p_ids, p_mask, resp, mask)).float()
-        return self.reward_fn(self.tokenizer, p_ids, p_mask, resp, mask, rows, truncated)
-
-    def _decode(self, p_ids, p_mask, resp, mask) -> tuple[list[str], list[str]]:
-        tok = self.tokenizer
-        prompts = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(p_ids, p_mask)]
-        responses = [tok.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(resp, mask)]
-        return prompts, responses
+        prompts, rows = [self.prompt_ids[i] for i in idx], [self.prompt_rows[i] for i in idx]
+        return experience.make_experience(cfg, self.engine, self.sampling, self.forwards, prompts, rows, self.pad_id)
 
     def compute_advantages(self, exp: Experience) -> None:
         """Score processing (Eq. 18), KL shaping (Sec. 5.3.1) and the advantage estimator, in place."""
@@ -356,11 +289,11 @@ class PPOTrainer:
             cfg, exp.processed_scores, exp.kl, exp.mask, exp.values, self.kl_coef, self.dist)
 
     # =========================================================================================
-    # Update
+    # Update (the pieces around the loss: ppo/update.py)
     # =========================================================================================
 
     def update(self, exp: Experience, train_policy: bool = True) -> dict[str, float]:
-        """num_ppo_epochs passes of mini-batches; micro-batches accumulate gradients."""
+        """num_ppo_epochs passes of mini-batches, one optimizer step each; micro-batches accumulate gradients."""
         cfg = self.cfg
         B = exp.scores.numel()
         mini = min(cfg.mini_batch_size // self.dist.world_size, B)  # this rank's part of a mini-batch
@@ -368,25 +301,14 @@ class PPOTrainer:
         self.policy.train()
         if self.critic is not None:
             self.critic.train()
-        acc: dict[str, list[float]] = {}
+        stats = update_lib.UpdateStats()
         self._applied_steps = 0  # optimizer steps not skipped (counted in _optimizer_step)
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(B, device=self.device)
             for s in range(0, B, mini):
                 mb = exp.index(perm[s : s + mini])
-                adv = mb.advantages
-                if cfg.whiten_advantages and cfg.uses_critic:  # per mini-batch (Sec. 5.3.1, detail 6);
-                    # the critic-free estimators are normalised already, per group or over the batch
-                    adv = dist_lib.whiten(adv, mb.mask, self.dist)  # moments over the whole mini-batch
-                if cfg.advantage_clip is not None:
-                    adv = adv.clamp(-cfg.advantage_clip, cfg.advantage_clip)
-                # Token losses are divided by the mini-batch's token count over all ranks and the
-                # gradients summed (dist_lib.sum_gradients): exactly the one-process mini-batch mean.
-                n_tok = dist_lib.all_reduce_sum(mb.mask.sum(), self.dist)
-                # token_sum (Dr. GRPO): a constant divisor, responses × response_length, not the token count
-                norm = (n_tok if cfg.loss_reduction == "token_mean" else
-                        dist_lib.all_reduce_sum(torch.tensor(float(mb.scores.numel()), device=self.device), self.dist)
-                        * cfg.response_length)
+                adv = update_lib.minibatch_advantages(cfg, mb, self.dist)  # whitened per mini-batch, clipped
+                n_tok, norm = update_lib.loss_divisor(cfg, mb, self.dist)  # token losses / norm: the global mean
                 mb_stats: dict[str, float] = {}
                 for m0 in range(0, mb.scores.numel(), micro):
                     sl = slice(m0, m0 + micro)
@@ -397,24 +319,19 @@ class PPOTrainer:
                     w = (sub.mask.sum() / n_tok).item()
                     for k, v in st.items():
                         mb_stats[k] = mb_stats.get(k, 0.0) + w * v
-                for k, v in dist_lib.reduce_floats(mb_stats, self.dist, "sum").items():
-                    acc.setdefault(k, []).append(v)
-                if train_policy and self.ptx_examples is not None:
-                    for k, v in self._ptx_step().items():
-                        acc.setdefault(k, []).append(v)
-                for k, v in self._optimizer_step(train_policy).items():
-                    acc.setdefault(k, []).append(v)
+                stats.add(dist_lib.reduce_floats(mb_stats, self.dist, "sum"))
+                if train_policy and self.ptx_examples is not None:  # PPO-ptx (Eq. 17)
+                    ptx = update_lib.ptx_loss(cfg, self.policy, self.ptx_examples, self.ptx_sampler, self.pad_id,
+                                              self.device)
+                    self._backward(cfg.ptx_coef * ptx / self.dist.world_size, "ptx loss")  # summed over ranks: the mean
+                    stats.add({"ptx/loss": ptx.item()})
+                stats.add(self._optimizer_step(train_policy))
         if self._applied_steps:  # the LR schedules count iterations whose update was applied
             if self.critic is not None:
                 self.critic_sched.step()
             if train_policy:
                 self.policy_sched.step()
-        causes = acc.pop("skip_cause", [])
-        out = {k: float(sum(v) / len(v)) for k, v in acc.items()}  # `skipped`: the share of skipped steps
-        if causes:
-            out["skip_cause"] = "; ".join(dict.fromkeys(causes))
-        elif "skipped" in out:
-            del out["skipped"]
+        out = stats.means()  # `skipped`: the share of skipped steps
         out["lr/policy"] = self.policy_sched.get_last_lr()[0] if train_policy else 0.0
         if self.critic is not None:
             out["lr/critic"] = self.critic_sched.get_last_lr()[0]
@@ -452,24 +369,6 @@ class PPOTrainer:
         stats.update({"critic/value_loss": v_loss.item() / max(share, 1e-9), "critic/clipfrac": vst.clipfrac.item()})
         return stats
 
-    def _ptx_step(self) -> dict[str, float]:
-        """PPO-ptx (Eq. 17): λ_ptx · LM loss on a micro-batch of SFT / pre-training rows."""
-        from ppomax.data import collate_sft
-
-        cfg = self.cfg
-        idx = self.ptx_sampler.take(min(cfg.per_device_train_batch_size, len(self.ptx_examples)))
-        batch = collate_sft([self.ptx_examples[i] for i in idx], self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with autocast(self.device, cfg.bf16, cfg.fp16):
-            out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        loss = F.masked_mean(*F.next_token_nll(out.logits, batch["labels"]))
-        self._backward(cfg.ptx_coef * loss / self.dist.world_size, "ptx loss")  # summed over ranks: the mean
-        return {"ptx/loss": loss.item()}
-
-    def _reduce_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Numeric metrics averaged over ranks (the update's token means are already global; monitors.py)."""
-        return reduce_row(row, self.dist)
-
     def _backward(self, loss: torch.Tensor, name: str) -> None:
         """Backward a finite loss; a NaN/inf one is recorded and skips the coming optimizer step."""
         if bool(torch.isfinite(loss)):
@@ -478,32 +377,15 @@ class PPOTrainer:
             self._nonfinite.append(f"non-finite {name}")
 
     def _optimizer_step(self, train_policy: bool) -> dict[str, float]:
-        """Clip, check for non-finite gradients, step. A non-finite update is skipped, not applied."""
-        cfg = self.cfg
-        stats = {}
-        models = [("critic", self.critic, self.critic_opt)] if self.critic is not None else []
-        if train_policy:
-            models.insert(0, ("policy", self.policy, self.policy_opt))
-        norms = {}
-        for name, model, _ in models:
-            norms[name] = reduce_and_clip(model, self.dist, self.sharding != "none", cfg.max_grad_norm)
-            stats[f"grad_norm/{name}"] = norms[name]
-        bad = [n for n, v in norms.items() if not math.isfinite(v)]
-        causes = list(dict.fromkeys(self._nonfinite))
+        """Clip, check for non-finite losses and gradients, step (ppo/update.py). A non-finite update is skipped."""
+        trained = [("policy", self.policy, self.policy_opt)] if train_policy else []
+        if self.critic is not None:
+            trained.append(("critic", self.critic, self.critic_opt))
+        stats = update_lib.optimizer_step(trained, self.dist, self.sharding != "none", self.cfg.max_grad_norm,
+                                          self._nonfinite, self.iteration)
         self._nonfinite = []
-        if bad:
-            causes.append(f"non-finite gradient norm ({', '.join(bad)})")
-        if not dist_lib.all_true(not causes, self.dist) and not causes:  # skip decisions agree on every rank
-            causes.append("non-finite loss on another rank")
-        if causes:  # this step only; the iteration counts as skipped when all its steps are (step())
-            logger.warning("iteration %d: mini-batch update skipped: %s", self.iteration, "; ".join(causes))
-        else:
+        if not stats["skipped"]:  # the iteration counts as skipped when all its steps are (step)
             self._applied_steps += 1
-            for _, _, opt in models:
-                opt.step()
-        stats.update(skipped=float(bool(causes)), **({"skip_cause": "; ".join(causes)} if causes else {}))
-        for _, _, opt in models:
-            opt.zero_grad(set_to_none=True)
         if not train_policy:
             self.policy_opt.zero_grad(set_to_none=True)
         return stats
@@ -511,38 +393,6 @@ class PPOTrainer:
     def _skip(self, cause: str) -> dict[str, float]:
         """A skipped iteration: counted; max_consecutive_skips in a row stop the run (ppo/state.py)."""
         return run_state.count_skipped_iteration(self, cause)
-
-    # =========================================================================================
-    # Monitoring, gold metrics, samples
-    # =========================================================================================
-
-    def _gold_metrics(self, exp: Experience) -> dict[str, float]:
-        prompts, responses = self._decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
-        self._last_gold = [float(x) for x in self.gold_fn(prompts, responses, exp.truncated.tolist())]
-        return gold_metrics(self._last_gold)
-
-    def _write_samples(self, path: Path, row: dict) -> None:
-        exp = getattr(self, "_last_exp", None)
-        n = min(self.cfg.num_sample_generations, exp.scores.numel() if exp is not None else 0)
-        if n:
-            texts = self._decode(exp.prompt_ids[:n], exp.prompt_mask[:n], exp.response_ids[:n], exp.mask[:n])
-            write_samples(path, row, *texts, exp.scores[:n].tolist(), getattr(self, "_last_gold", None))
-
-    def _collapse_check(self, row: dict, pretrain: bool) -> str | None:
-        if self.cfg.collapse_guard == "off" or pretrain:
-            return None
-        reasons = self.guard.check(row)
-        if not reasons:
-            return None
-        row["collapse"] = reasons
-        mode = self.cfg.collapse_guard
-        # Every signal is in metrics.jsonl; the console gets the first and then one every 25 iterations.
-        if mode != "warn" or self.iteration - getattr(self, "_last_collapse_warn", -10**9) >= 25:
-            self._last_collapse_warn = self.iteration
-            logger.warning("iteration %d: collapse signal: %s", self.iteration, "; ".join(reasons))
-        if mode == "rollback":
-            return "rollback" if run_state.rollback(self) else None
-        return "stop" if mode == "stop" else None
 
     # =========================================================================================
     # Checkpoints
