@@ -67,6 +67,25 @@ def test_plot_curves_skips_missing_metrics(tmp_path):
     )
 
 
+@pytest.mark.parametrize("label", [None, "base"])
+def test_the_dashed_line_is_named_after_the_baseline(tmp_path, monkeypatch, label):
+    """The reviews demo's reference is the SFT model; the SmolLM2 study's is the base model."""
+    import matplotlib.figure
+
+    legends: list[list[str]] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **k):
+        legends.append([t.get_text() for lg in fig.legends for t in lg.get_texts()])
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    kw = {} if label is None else {"baseline_label": label}
+    report.plot_grid({"ppo_max": fake_run(False)}, tmp_path / "g.png", P.PANELS, "t", baselines={"gold": 0.6}, **kw)
+    assert (label or "SFT baseline") in legends[-1]
+    assert ("SFT baseline" in legends[-1]) == (label is None)
+
+
 def test_method_colors_fixed():
     colors = report.method_colors(["other", "vanilla", "ppo_max", "another"])
     assert colors["ppo_max"] == "#1a9850" and colors["vanilla"] == "#d73027"

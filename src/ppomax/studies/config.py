@@ -34,8 +34,8 @@ class DemoConfig:
     )
     overwrite_output_dir: bool = opt(False, "Re-run every stage even if its results are already in output_dir.")
     num_threads: int = opt(
-        1, "torch threads for SFT / RM / evaluation (0: torch's default). 1 keeps results identical on any machine "
-        "and avoids thread oversubscription on a busy one; PPO runs always use 1 each.", ge=0)
+        1, "torch threads for SFT / RM / evaluation (0: torch's default). 1 keeps results identical from run to run "
+        "on one machine (another CPU type may round differently) and avoids thread oversubscription on a busy one; PPO runs always use 1 each.", ge=0)
     parallel: bool = opt(True, "Train the methods side by side in worker processes (one thread each) when 2+ cores.")
     disable_tqdm: bool = opt(False, "Hide progress bars.")
 

@@ -94,7 +94,8 @@ def _smooth(y: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _draw_panel(ax, panel: Panel, runs, colors, baselines, smooth: int, method_legend: bool) -> bool:
+def _draw_panel(ax, panel: Panel, runs, colors, baselines, smooth: int, method_legend: bool,
+                baseline_label: str = "SFT baseline") -> bool:
     """Draw one panel into ``ax``; returns False (and draws nothing) if no run has the metric."""
     drawn = False
     for method, rows in runs.items():
@@ -114,7 +115,7 @@ def _draw_panel(ax, panel: Panel, runs, colors, baselines, smooth: int, method_l
         return False
     if baselines and baselines.get(panel.name) is not None:
         ax.axhline(
-            baselines[panel.name], color="#444444", linestyle=(0, (5, 3)), linewidth=1.3, label="SFT baseline"
+            baselines[panel.name], color="#444444", linestyle=(0, (5, 3)), linewidth=1.3, label=baseline_label
         )
     ax.set_title(panel.title)
     ax.set_xlabel("PPO step")
@@ -141,13 +142,15 @@ def plot_curves(
     out_dir: str | os.PathLike,
     baselines: Mapping[str, float] | None = None,
     smooth: int = 1,
+    baseline_label: str = "SFT baseline",
 ) -> list[Path]:
     """One PNG per panel (all methods overlaid) plus ``overview.png``, a 2×3 grid of them.
 
     ``runs`` maps method name -> metrics rows (see :func:`read_metrics`); only ``phase == "ppo"``
     rows are plotted against ``step``. ``baselines`` maps a panel name to a horizontal dashed
     reference line, e.g. ``{"gold": sft_gold}``. ``smooth > 1`` draws a trailing moving average
-    of that window over the faint raw curve. Panels no run has data for are skipped.
+    of that window over the faint raw curve; ``baseline_label`` names the dashed line in the
+    legend. Panels no run has data for are skipped.
     Returns the written paths, ``overview.png`` first.
     """
     import matplotlib
@@ -163,7 +166,8 @@ def plot_curves(
         drawn_panels = []
         for panel in PANELS:
             fig, ax = plt.subplots(figsize=(7.0, 4.2), layout="constrained")
-            if _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=True):
+            if _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=True,
+                           baseline_label=baseline_label):
                 written.append(out / f"{panel.name}.png")
                 fig.savefig(written[-1], dpi=130)
                 drawn_panels.append(panel)
@@ -173,13 +177,13 @@ def plot_curves(
 
         suffix = f" (moving average over {smooth} steps)" if smooth > 1 else ""
         overview = plot_grid(runs, out / "overview.png", PANELS, f"Collapse indicators during PPO{suffix}",
-                             baselines, smooth, colors)
+                             baselines, smooth, colors, baseline_label)
     return [overview, *written]
 
 
 def plot_grid(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, panels: Sequence[Panel], title: str,
               baselines: Mapping[str, float] | None = None, smooth: int = 1,
-              colors: Mapping[str, str] | None = None) -> Path:
+              colors: Mapping[str, str] | None = None, baseline_label: str = "SFT baseline") -> Path:
     """``panels`` side by side, three per row, with one legend for the figure; written to ``path``."""
     import matplotlib
 
@@ -191,7 +195,8 @@ def plot_grid(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, panel
     with plt.rc_context(_RC):
         fig, axes = plt.subplots(nrows, 3, figsize=(18.0, 4.75 * nrows), layout="constrained", squeeze=False)
         for ax, panel in zip(axes.flat, panels):
-            if not _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=False):
+            if not _draw_panel(ax, panel, runs, colors, baselines, smooth, method_legend=False,
+                               baseline_label=baseline_label):
                 ax.set_title(panel.title)
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="#888888")
                 ax.set_xticks([])

@@ -54,7 +54,8 @@ def run_method(cfg: PPOConfig, prompts: list, gold_fn=None) -> list[dict]:
 
 def _run_method_single_thread(cfg: PPOConfig, prompts: list, position: int, gold_fn=None) -> list[dict]:
     # One thread per method: the tiny model gains nothing from more, and a fixed thread count
-    # makes the run bit-for-bit reproducible on any machine (float reductions change with it).
+    # makes the run bit-for-bit reproducible on one machine (float reductions change with it;
+    # another CPU type's kernels may still round differently).
     torch.set_num_threads(1)
     from ppomax.models import quiet_transformers
 

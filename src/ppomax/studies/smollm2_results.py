@@ -135,11 +135,12 @@ def write_study_report(out: Path, results: Mapping[str, Any], info: Mapping[str,
         "dev_base": results["dev_base"], **info,
     }
     plots = plot_curves(curves, out / "plots", baselines={"gold": methods["base"]["gold"]},
-                        smooth=5 if b["ppo_steps"] >= 50 else 1)
+                        smooth=5 if b["ppo_steps"] >= 50 else 1, baseline_label="base")
     dev = results["dev_base"]
     eval_plot = plot_grid(curves, out / "plots" / "eval_overview.png", EVAL_PANELS,
                           f"Evaluations during PPO on {b['n_dev_prompts']} dev prompts (dashed: the base)",
-                          baselines={p.name: dev.get(p.keys[0].split("/", 1)[1]) for p in EVAL_PANELS})
+                          baselines={p.name: dev.get(p.keys[0].split("/", 1)[1]) for p in EVAL_PANELS},
+                          baseline_label="base")
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     one_seed = len(seeds) == 1
     notes = [
