@@ -209,6 +209,26 @@ def test_sft_with_lora_writes_merged_model_and_adapter(tiny, tmp_path):
     assert not M.is_peft_model(res["model"])
 
 
+def test_sft_with_lora_is_reproducible_from_its_seed(tiny, tmp_path):
+    """LoRA's A matrices are drawn at random when the adapters are added: the run's seed must come
+    first, or two runs with one seed start from different adapters (and train to different weights)."""
+    from ppomax.data import write_jsonl
+    from ppomax.sft import train_sft
+
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "say", "response": "the cat"}] * 8)
+
+    def run(name: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1000 + len(name))  # a different global RNG state before each run
+        train_sft(SFTConfig(model_name_or_path=tiny, dataset=str(tmp_path / "sft.jsonl"), output_dir=str(tmp_path / name),
+                            max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                            disable_tqdm=True, eval_split=0.0, use_peft=True, seed=seed))
+        return {n: p.detach().cpu() for n, p in M.load_causal_lm(tmp_path / name).named_parameters()}
+
+    a, b, other = run("a", 5), run("bb", 5), run("ccc", 6)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], other[n]) for n in a)  # the seed does reach the adapters
+
+
 def test_lora_with_gradient_checkpointing_and_bf16_autocast(tiny, tmp_path):
     cfg = ppo_config(tiny, tmp_path / "run", critic_use_peft=True, gradient_checkpointing=True, bf16=True)
     trainer = PPOTrainer(cfg, prompts=PROMPTS, reward_fn=n_words)

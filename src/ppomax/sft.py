@@ -126,9 +126,12 @@ def train_sft(cfg: SFTConfig, model=None, tokenizer=None) -> dict[str, Any]:
     if model is None:
         model = M.load_causal_lm(cfg.model_name_or_path, load_dtype(cfg, True, cfg.use_peft), cfg.trust_remote_code,
                                  cfg.attn_implementation)
+    # Seeded before the adapters are added: peft draws LoRA's A matrices at random, so a later seed
+    # left two runs with one seed on different adapters. (After the load, as before: a full
+    # fine-tune's random stream is the same as it was.)
+    seed_run(cfg.seed, cfg.full_determinism)
     if cfg.use_peft:
         model = M.apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    seed_run(cfg.seed, cfg.full_determinism)
     pad = tokenizer.pad_token_id
 
     def collate(ex):
