@@ -85,3 +85,26 @@ def test_cast_parameters_leaves_buffers_and_sharing_alone(paths):
     assert model.lm_head.weight.dtype == torch.bfloat16
     inv = dict(model.named_buffers())["model.rotary_emb.inv_freq"]
     assert inv.dtype == torch.float32 and torch.equal(inv, dict(twin.named_buffers())["model.rotary_emb.inv_freq"])
+
+
+def test_the_scalar_head_runs_in_float32_under_bf16_autocast(paths):
+    """Scores and values feed the RM loss, GAE and the value loss: the head is computed in float32
+    even inside --bf16's autocast, which would otherwise run the linear in bf16 (~3 digits)."""
+    rm = ScalarHeadModel.from_pretrained(paths["rm"]).eval()
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 5, rm.config.hidden_size) * 3
+    exact = torch.nn.functional.linear(hidden, rm.v_head.weight, rm.v_head.bias).squeeze(-1)
+    with autocast(torch.device("cpu"), bf16=True, fp16=False):
+        got = rm.score_hidden(hidden)
+        assert torch.nn.functional.linear(hidden, rm.v_head.weight).dtype == torch.bfloat16  # autocast is on
+    assert got.dtype == torch.float32 and torch.equal(got, exact)
+    ids = torch.randint(0, 512, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        h = rm.hidden_states(ids, mask)
+        with autocast(torch.device("cpu"), bf16=True, fp16=False):
+            h16 = rm.hidden_states(ids, mask)
+            scores = rm(ids, mask)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, rm.score_hidden(h16.float()))  # the backbone in bf16, the head in fp32
+    assert not torch.equal(h16.float(), h)  # (the backbone did run in bf16)

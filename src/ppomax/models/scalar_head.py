@@ -70,9 +70,7 @@ class ScalarHeadModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, H)
-        # The head runs in float32 even for a bf16 backbone: scores feed losses and advantages.
-        weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
-        return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)  # (B, T)
+        return self._head(hidden)  # (B, T); not score_hidden: under --sharding that is a hooked entry point
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -86,8 +84,14 @@ class ScalarHeadModel(nn.Module):
 
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The scalar head on hidden states (B, T, H) -> (B, T), in float32."""
-        weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
-        return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Float32 even for a bf16 backbone and inside --bf16's autocast (which would run this linear
+        # in bf16, ~3 significant digits): scores and values feed the RM loss, GAE and the value loss.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            weight, bias = self.v_head.weight.float(), self.v_head.bias.float()
+            return nn.functional.linear(hidden.float(), weight, bias).squeeze(-1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The causal LM head (``lm_head_for_training``, the RM stage's LM term) on hidden states."""
