@@ -74,11 +74,11 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, result: str)
                        for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     import gc
 
-    from ppomax.sharding import _release_host_memory
+    from ppomax.sharding import release_host_memory
 
     rss_after = _status_mb("VmRSS")
     gc.collect()
-    _release_host_memory()  # freed pages back to the OS: what the process really holds
+    release_host_memory()  # freed pages back to the OS: what the process really holds
     rss_trimmed = _status_mb("VmRSS")
     row = {"mode": mode, "rank": rank, "params_mb": round(params / 2**20, 1), "adam_mb": round(opt / 2**20, 1),
            "state_mb": round((params + opt) / 2**20, 1),

@@ -227,6 +227,17 @@ def test_no_private_name_crosses_files(scanned):
         "\n".join(bad)
 
 
+def test_benchmarks_and_examples_use_only_public_names():
+    """Scripts beside the package are users of it: no ``_private`` ppomax name either."""
+    found = set(source_modules())
+    root = SRC.parent.parent
+    scripts = {f"{p.parent.name}.{p.stem}": p for d in ("benchmarks", "examples") for p in sorted((root / d).rglob("*.py"))}
+    assert len(scripts) >= 5, scripts  # the check sees the scripts
+    imports = {m: Imports(m, p.read_text(encoding="utf-8"), found, False) for m, p in scripts.items()}
+    bad = private_crossings(imports)
+    assert not bad, "\n".join(bad)
+
+
 def test_the_library_imports_nothing_by_a_computed_name(scanned):
     assert not dynamic_imports(scanned)
 

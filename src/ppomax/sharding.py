@@ -118,7 +118,7 @@ def shard(model: nn.Module, mode: str, trainable: bool, device: torch.device | N
     for name in ("hidden_states", "score_hidden", "lm_logits"):  # ScalarHeadModel entry points besides forward
         if callable(getattr(model, name, None)) and (name != "lm_logits" or hasattr(model, "lm_head_for_training")):
             register_fsdp_forward_method(model, name)
-    _release_host_memory()
+    release_host_memory()
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)  # sum over ranks: losses are already global token means
         m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
@@ -149,7 +149,7 @@ def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None
             dist.broadcast(buf, src=0)
 
 
-def _release_host_memory() -> None:
+def release_host_memory() -> None:
     """Hand the freed full-size host copies back to the OS (glibc keeps freed pages otherwise, so
     the process would look as large as before sharding)."""
     import ctypes
