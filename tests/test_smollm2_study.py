@@ -162,13 +162,15 @@ def test_mean_over_seeds_pools_the_win_rate():
 def test_best_checkpoint_is_the_one_best_json_names(tmp_path):
     import json
 
-    assert R.best_checkpoint(tmp_path) is None
+    from ppomax.ppo.best import best_checkpoint
+
+    assert best_checkpoint(tmp_path) is None
     for n in (8, 16):
         (tmp_path / "best" / f"checkpoint-{n}").mkdir(parents=True)
         (tmp_path / "best" / f"checkpoint-{n}" / "COMPLETE").write_text("")
-    assert R.best_checkpoint(tmp_path).name == "checkpoint-16"  # no best.json: the newest
+    assert best_checkpoint(tmp_path) is None  # no best.json: no guess (the study then reports the final one)
     (tmp_path / "best" / "best.json").write_text(json.dumps({"checkpoint": "checkpoint-8", "step": 8}))
-    assert R.best_checkpoint(tmp_path).name == "checkpoint-8"
+    assert best_checkpoint(tmp_path).name == "checkpoint-8"  # the study uses the library's reader
     assert [S.run_name("vanilla", s, 0) for s in (0, 1)] == ["vanilla", "vanilla_seed1"]
     # checkpoint names count critic pre-training iterations; the report gives the PPO iteration
     rows = [{"step": 1, "ppo_step": 0, "phase": "critic_pretrain"}, {"step": 8, "ppo_step": 7, "phase": "ppo"}]

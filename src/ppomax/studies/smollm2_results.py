@@ -28,19 +28,6 @@ EVAL_PANELS = (
 )
 
 
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The run's best checkpoint: the one ``best/best.json`` names, else the newest in ``best/``."""
-    from ppomax.checkpoint import list_checkpoints
-
-    info = run_dir / "best" / "best.json"
-    if info.exists():
-        named = run_dir / "best" / json.loads(info.read_text())["checkpoint"]
-        if (named / "COMPLETE").exists():
-            return named
-    found = list_checkpoints(run_dir / "best")
-    return found[-1] if found else None
-
-
 def ppo_step(run_dir: Path, checkpoint: Path) -> int:
     """The PPO iteration of a checkpoint (its name counts critic pre-training iterations too)."""
     from ppomax.studies.report import read_metrics
@@ -59,6 +46,7 @@ def evaluate_runs(ev, out: Path, names: Mapping[tuple[str, int], str], gold_peak
     training gold (5-iteration mean). Returns ``methods`` (means over seeds), per-prompt ``gold`` per
     method and seed, and ``dev_base`` (the base on the dev prompts)."""
     from ppomax.checkpoint import list_checkpoints
+    from ppomax.ppo.best import best_checkpoint
 
     base, base_gold = ev.run(None, out / "eval" / "base.jsonl")
     per_seed: dict[str, dict[int, dict]] = {}
