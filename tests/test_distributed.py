@@ -256,6 +256,71 @@ def test_batch_whitening_over_two_processes_equals_one_process(tmp_path):
     assert F.masked_var(adv, mask).item() == pytest.approx(1.0, rel=1e-5)
 
 
+def _monitored_experience():
+    """8 responses of lengths 5,2,4,1 (rank 0's half) and 3,2,3,1 (rank 1's: T = 3, so the ranks' widths
+    differ); rank 1 scores higher and has the truncated ones, so per-rank percentiles, stds and
+    perplexities differ from the batch's."""
+    from ppomax.ppo.rollout import Experience
+
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([5, 2, 4, 1, 3, 2, 3, 1])
+    mask = (torch.arange(5)[None, :] < lengths[:, None]).float()
+    B, T = mask.shape
+
+    def tok(scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(B, T, generator=g)) * mask
+
+    return Experience(prompt_ids=torch.zeros(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+                      response_ids=torch.zeros(B, T, dtype=torch.long), mask=mask,
+                      truncated=torch.tensor([False] * 5 + [True, False, True]),
+                      logprobs=-torch.rand(B, T, generator=g) * mask * torch.tensor([1.0] * 4 + [3.0] * 4)[:, None],
+                      ref_logprobs=-torch.rand(B, T, generator=g) * mask, values=tok(),
+                      scores=torch.cat([torch.randn(4, generator=g), 3 + 2 * torch.randn(4, generator=g)]),
+                      processed_scores=torch.randn(B, generator=g), advantages=tok(2.0, 0.5), returns=tok(1.0, 1.0))
+
+
+def _rank_half(exp, rank: int):
+    """This rank's 4 responses, cut to their own widest response (as its sampler would stop)."""
+    half = exp.index(torch.arange(rank * 4, rank * 4 + 4))
+    T = int(half.mask.sum(-1).max())
+    for name in ("response_ids", "mask", "logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        setattr(half, name, getattr(half, name)[:, :T])
+    return half
+
+
+def _metrics_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+    from ppomax.ppo.monitors import experience_metrics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = dist_lib.setup()
+    with open(os.path.join(out, f"metrics-{rank}.json"), "w") as fh:
+        json.dump(experience_metrics(_rank_half(_monitored_experience(), rank), True, d), fh)
+    dist_lib.shutdown()
+
+
+def test_batch_monitors_over_two_processes_equal_one_process(tmp_path):
+    """The reward percentiles and std, perplexity, advantage/return stds and explained variance of a
+    2-process run are the whole batch's (before: each rank's, averaged by reduce_row)."""
+    from ppomax.ppo.monitors import experience_metrics
+
+    one = experience_metrics(_monitored_experience(), True)
+    assert _rank_half(_monitored_experience(), 1).mask.shape[1] == 3  # the ranks' widths differ
+    per_rank = [experience_metrics(_rank_half(_monitored_experience(), r), True) for r in range(2)]
+    for k in ("reward/raw_p50", "reward/raw_p99", "reward/raw_std", "policy/perplexity", "adv/std",
+              "critic/explained_variance"):  # the test can fail: averaging the ranks' values is wrong here
+        assert (per_rank[0][k] + per_rank[1][k]) / 2 != pytest.approx(one[k], rel=1e-3), k
+    mp.start_processes(_metrics_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for r in range(2):
+        two = json.loads((tmp_path / f"metrics-{r}.json").read_text())
+        assert two.keys() == one.keys()
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
+
+
 def _rank_row(rank: int) -> dict:
     """Rank 0 of 8 responses has 2 truncated ones (mean raw score 1.0), rank 1 none: only rank 0 logs
     reward/truncated_mean, as experience_metrics does."""

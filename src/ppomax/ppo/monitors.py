@@ -57,9 +57,42 @@ def _pct(x: torch.Tensor, q: float) -> float:
     return torch.quantile(x.double(), q).item() if x.numel() else float("nan")
 
 
-def experience_metrics(exp, with_critic: bool = True) -> dict[str, float]:
+# The Experience fields the monitors read, (B, T) or (B,); gathered over ranks by gather_experience.
+_MONITORED = ("mask", "truncated", "logprobs", "ref_logprobs", "values", "scores", "processed_scores", "advantages",
+              "returns")
+
+
+def gather_experience(exp, d):
+    """Every rank's rollout in one buffer (rank order) on every rank, holding the fields the monitors read.
+
+    Percentiles, standard deviations, perplexity and explained variance of the whole batch are not
+    means of the ranks' values, so a multi-process run's monitors are computed on the gathered batch
+    and equal a one-process run's on the same responses. Ranks stop sampling at different lengths:
+    (B, T) fields are right-padded with zeros (mask 0) to the widest rank's T."""
+    from ppomax import distributed as dist_lib
+    from ppomax.ppo.rollout import Experience
+
+    T = int(dist_lib.reduce_floats({"T": float(exp.mask.shape[1])}, d, "max")["T"])
+    fields = {}
+    for name in _MONITORED:
+        x = getattr(exp, name)
+        if x is None:  # None on every rank alike: the same code path built every rank's buffer
+            continue
+        if x.dim() == 2:
+            x = torch.nn.functional.pad(x.float(), (0, T - x.shape[1]))
+        fields[name] = dist_lib.all_gather(x.float(), d)  # float: NCCL and gloo both take it
+    fields["truncated"] = fields["truncated"] > 0.5
+    empty = fields["scores"].new_zeros(fields["scores"].shape[0], 0)  # the monitors read no token ids
+    return Experience(prompt_ids=empty.long(), prompt_mask=empty.long(), response_ids=empty.long(), **fields)
+
+
+def experience_metrics(exp, with_critic: bool = True, d=None) -> dict[str, float]:
     """Monitors of one experience buffer (before the update); ``with_critic=False`` (a critic-free
-    estimator) leaves out the value and return statistics."""
+    estimator) leaves out the value and return statistics. ``d``: the processes (``distributed.Dist``);
+    with several, every rank computes them on the gathered batch (:func:`gather_experience`), a collective
+    that every rank must reach."""
+    if d is not None and d.enabled:
+        exp = gather_experience(exp, d)
     mask = exp.mask
     raw = exp.scores.float()
     lengths = mask.sum(-1)

@@ -228,16 +228,16 @@ class PPOTrainer:
         finite = dist_lib.all_true(bool(torch.isfinite(exp.scores).all()), self.dist)
         if not finite:
             row.update(self._skip("non-finite reward scores"))
-            row.update(experience_metrics(exp, self.critic is not None))
+            row.update(experience_metrics(exp, self.critic is not None, self.dist))
             return row
         moments = self.score_moments.state_dict()  # a skipped iteration leaves them as they were
         self.compute_advantages(exp)
         if not dist_lib.all_true(bool(torch.isfinite(exp.advantages).all() & torch.isfinite(exp.returns).all()), self.dist):
             self.score_moments.load_state_dict(moments)
             row.update(self._skip("non-finite advantages or returns"))
-            row.update(experience_metrics(exp, self.critic is not None))
+            row.update(experience_metrics(exp, self.critic is not None, self.dist))
             return row
-        row.update(experience_metrics(exp, self.critic is not None))
+        row.update(experience_metrics(exp, self.critic is not None, self.dist))
         row["kl/coef"] = self.kl_coef
         if self.gold_fn is not None:  # a task's judge: logged, never trained on
             texts = self.forwards.decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
