@@ -517,7 +517,7 @@ def _sharded_save_load_worker(rank: int, world: int, port: int, model_dir: str, 
         for st in trainer.critic_opt.state.values():
             sharding.local(st["exp_avg"]).add_(1.0)
     changed = snapshot()
-    trainer._load(trainer.out / "checkpoint-1")
+    trainer.load_checkpoint(trainer.out / "checkpoint-1")
     after = snapshot()
     if rank == 0:
         torch.save(_cpu({"before": before, "changed": changed, "after": after}), os.path.join(out, "snap.pt"))

@@ -262,7 +262,7 @@ def test_collapse_stop_saves_and_exits_1_from_the_cli(tiny, tmp_path, capsys):
 
 def _spy_rollbacks(tr: PPOTrainer) -> list[dict]:
     """Record every rollback: target, η before, and whether the weights now equal the target's."""
-    events, real = [], tr._load
+    events, real = [], tr.load_checkpoint
 
     def load(path, restore_rng=True):
         eta = tr.kl_coef
@@ -271,7 +271,7 @@ def _spy_rollbacks(tr: PPOTrainer) -> list[dict]:
         events.append({"path": path, "eta_before": eta, "iteration": tr.iteration,
                        "restored": all(torch.equal(v.cpu(), disk[k]) for k, v in tr.policy.named_parameters())})
 
-    tr._load = load
+    tr.load_checkpoint = load
     return events
 
 

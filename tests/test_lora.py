@@ -142,7 +142,7 @@ def test_resume_restores_adapter_weights(tiny, tmp_path):
     resumed = PPOTrainer(dataclasses.replace(cfg, max_steps=1, resume_from=str(tmp_path / "run" / "checkpoint-1")),
                          prompts=PROMPTS, reward_fn=n_words)
     fresh = lora_state(resumed.policy)
-    resumed._load(tmp_path / "run" / "checkpoint-2")
+    resumed.load_checkpoint(tmp_path / "run" / "checkpoint-2")
     loaded = lora_state(resumed.policy)
     trained = lora_state(first.policy)
     assert loaded.keys() == trained.keys()

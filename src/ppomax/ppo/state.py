@@ -171,7 +171,7 @@ def rollback(tr) -> bool:
     eta = tr.kl_coef * tr.cfg.rollback_kl_factor if tr.kl_coef > 0 else PPOConfig.__dataclass_fields__["kl_coef"].default
     logger.warning("rolling back to %s; η %g -> %g", healthy, tr.kl_coef, eta)
     it = tr.iteration
-    tr._load(healthy, restore_rng=False)  # through the trainer: one seam for every load
+    tr.load_checkpoint(healthy, restore_rng=False)  # through the trainer: one seam for every load
     tr.kl_coef = eta
     if tr.kl_ctl is not None:
         tr.kl_ctl.value = tr.kl_coef

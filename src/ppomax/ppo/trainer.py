@@ -420,6 +420,6 @@ class PPOTrainer:
         """The trained models ('policy', 'critic') holding a NaN or inf parameter."""
         return run_state.nonfinite_weights(self)
 
-    def _load(self, path: Path, restore_rng: bool = True) -> None:
+    def load_checkpoint(self, path: Path, restore_rng: bool = True) -> None:
         """Restore the run from checkpoint ``path`` (resume; rollback keeps the RNG streams going)."""
         run_state.load(self, path, restore_rng)
