@@ -644,6 +644,54 @@ def test_two_process_resume_equals_an_uninterrupted_run(setup, tmp_path, shardin
         torch.testing.assert_close(w_cut[name], w_full[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _eval_worker(rank: int, world: int, port: int, model_dir: str, out: str, kw: dict) -> None:
+    """A 2-iteration run evaluating 3 prompts at every iteration; records each evaluation's eval/* before
+    the reduction over ranks and how many prompts this rank's engine sampled."""
+    from ppomax.ppo import evaluation
+    from ppomax.ppo.trainer import PPOTrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    seen, results, real = [], [], evaluation.evaluate
+
+    def spy(tr, ids):
+        generate = tr.engine.generate
+
+        def counting(p_ids, *a, **k):
+            seen.append(int(p_ids.shape[0]))
+            return generate(p_ids, *a, **k)
+
+        tr.engine.generate = counting
+        try:
+            results.append(real(tr, ids))
+        finally:
+            del tr.engine.generate
+        return results[-1]
+
+    evaluation.evaluate = spy
+    PPOTrainer(_config(model_dir, out, max_steps=2, eval_steps=1, **kw), prompts=PROMPTS, reward_fn=n_words,
+               eval_prompts=PROMPTS[:3]).train()
+    with open(os.path.join(out, f"eval-{rank}.json"), "w") as fh:
+        json.dump({"seen": seen, "results": results}, fh)
+    from ppomax.distributed import shutdown
+
+    shutdown()
+
+
+@pytest.mark.parametrize("sharding", ["none", "zero3"])
+def test_two_processes_split_the_evaluation_prompts(setup, tmp_path, sharding):
+    """Each rank samples ⌈3 / 2⌉ = 2 of the 3 eval prompts (before: all 3 on every rank), the padded
+    share keeps a sharded model's forwards in step, and every rank summarises the same whole set."""
+    _, model_dir = setup
+    mp.start_processes(_eval_worker, args=(2, _free_port(), model_dir, str(tmp_path), {"sharding": sharding}),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"eval-{r}.json").read_text()) for r in range(2)]
+    assert [r["seen"] for r in ranks] == [[2, 2], [2, 2]]  # two evaluations, 2 prompts each
+    assert ranks[0]["results"] == ranks[1]["results"] and len(ranks[0]["results"]) == 2
+    assert {"eval/rm_reward", "eval/kl", "eval/length", "eval/distinct_2"} <= set(ranks[0]["results"][0])
+
+
 def _vllm_sync_weights_worker(rank: int, world: int, port: int, model_dir: str, out: str, kw: dict) -> None:
     """What the vLLM engine's sync pushes (engines.vllm.merged_weights) from a sharded policy after an
     update: every rank gathers; rank 0 saves the tensors and the policy's own gathered weights."""

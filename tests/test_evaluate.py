@@ -98,3 +98,88 @@ def test_a_task_needs_its_judge_from_the_caller_before_any_model_loads(tmp_path)
     with pytest.raises(ConfigError, match=r"EvalConfig.task = 'reviews'.*gold_fn="):
         E.evaluate(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_shard_and_merge_by_hand():
+    from types import SimpleNamespace
+
+    ranks = [SimpleNamespace(enabled=True, rank=r, world_size=2) for r in range(2)]
+    assert E.shard(5) == [0, 1, 2, 3, 4]
+    assert [E.shard(5, d) for d in ranks] == [[0, 2, 4], [1, 3, 1]]  # rank 1 pads with its first prompt
+    assert [E.shard(1, d) for d in ranks] == [[0], [0]]  # a rank without a prompt still runs one batch
+    parts = [{k: [] for k in E.SAMPLE_KEYS} for _ in ranks]
+    for d, part in zip(ranks, parts):
+        part["prompts"] = [f"p{i}" for i in E.shard(5, d)]
+        part["rm"] = [float(i) for i in E.shard(5, d)]
+    merged = E.merge_shards(parts, 5)
+    assert merged["prompts"] == ["p0", "p1", "p2", "p3", "p4"] and merged["rm"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert merged["kl"] == []  # a statistic no rank computed stays empty
+
+
+class _Echo:
+    """A deterministic engine: the response is a function of the prompt's last token (no random numbers),
+    so a 2-process evaluation and a 1-process one must give the same set."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def generate(self, p_ids, p_mask, sampling, return_logprobs=False):
+        from ppomax.engines import Generation
+
+        self.seen += p_ids[:, -1].tolist()
+        resp = p_ids[:, -1:] * 2 + torch.arange(3, device=p_ids.device)
+        return Generation(resp, torch.ones(resp.shape, device=p_ids.device), p_ids[:, -1] % 2 == 0)
+
+
+def _echo_eval(d=None) -> dict:
+    engine = _Echo()
+
+    def score_batch(idx, parts, gen):
+        p_ids, _, resp, mask = parts
+        texts = ([" ".join(map(str, r.tolist())) for r in p_ids], [" ".join(map(str, r.tolist())) for r in resp])
+        return dict(texts=texts, logp=-0.5 * mask * (1 + resp % 3), rm=resp[:, 0].float() / 10)
+
+    def judge(prompts, responses, truncated):  # set-level: every score counts the whole set's responses
+        return [float(len(set(responses))) + (0.5 if t else 0.0) for t in truncated]
+
+    prompts = [[1, 2 + i] for i in range(5)]
+    out, gold = E.sample_and_score(engine, None, prompts, 2, 0, torch.device("cpu"), 0, score_batch, judge=judge, d=d)
+    return {"out": out, "gold": gold, "seen": engine.seen}
+
+
+def _echo_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    from ppomax import distributed as dist_lib
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    torch.set_num_threads(1)
+    d = dist_lib.setup()
+    with open(os.path.join(out, f"eval-{rank}.json"), "w") as fh:
+        json.dump(_echo_eval(d), fh)
+    dist_lib.shutdown()
+
+
+def test_two_processes_each_evaluate_their_share_and_return_the_whole_set(tmp_path):
+    """With several processes each rank samples and scores only its share of the eval prompts (before,
+    every rank evaluated all of them); every rank gets the whole set, in prompt order, judged whole."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    one = _echo_eval()
+    assert one["seen"] == [2, 3, 4, 5, 6]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_echo_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    two = [json.loads((tmp_path / f"eval-{r}.json").read_text()) for r in range(2)]
+    assert [t["seen"] for t in two] == [[2, 4, 6], [3, 5, 3]]  # 3 prompts each (rank 1 pads one)
+    for t in two:
+        assert t["out"] == one["out"] and t["gold"] == one["gold"]
+    assert one["gold"][0] == 5.5 and one["out"]["rm"] == pytest.approx([0.4, 0.6, 0.8, 1.0, 1.2])

@@ -26,10 +26,12 @@ masked moments and the reward-normalisation moments see every rank's scores.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -330,6 +332,19 @@ def broadcast_text(text: str, d: Dist) -> str:
            else torch.empty(int(n.item()), dtype=torch.uint8, device=d.device))
     _dist().broadcast(buf, src=0)
     return bytes(buf.tolist()).decode("utf-8")
+
+
+def gather_json(obj: Any, d: Dist) -> list:
+    """Every rank's JSON-serialisable ``obj``, in rank order, on every rank: its UTF-8 JSON in a uint8
+    tensor on ``d.device``, padded to the longest rank's, so nothing is pickled. Collective."""
+    if not d.enabled:
+        return [obj]
+    data = json.dumps(obj).encode("utf-8")
+    n = all_gather(torch.tensor([len(data)], dtype=torch.int64, device=d.device), d).tolist()
+    buf = torch.zeros(max(n), dtype=torch.uint8, device=d.device)
+    buf[: len(data)] = torch.tensor(list(data), dtype=torch.uint8, device=d.device)
+    parts = all_gather(buf[None], d).cpu()
+    return [json.loads(parts[r, : n[r]].numpy().tobytes().decode("utf-8")) for r in range(d.world_size)]
 
 
 class MainRankError(UserError):

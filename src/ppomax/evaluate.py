@@ -70,30 +70,59 @@ def accumulate(out: dict[str, list], mask: torch.Tensor, truncated: torch.Tensor
     out["responses"] += texts[1]
 
 
+def shard(n: int, d=None) -> list[int]:
+    """This rank's prompt indices out of ``n``: every ``world_size``-th from its rank, padded with its first
+    (prompt 0 when it has none) to ⌈n / world_size⌉, so that every rank runs the same number of batches
+    (a sharded model's forwards are collectives). ``d``: the processes (``distributed.Dist``); one
+    process: all of them. :func:`merge_shards` drops the padding."""
+    if d is None or not d.enabled:
+        return list(range(n))
+    own = list(range(d.rank, n, d.world_size))
+    return own + [own[0] if own else 0] * (-(-n // d.world_size) - len(own))
+
+
+def merge_shards(parts: Sequence[dict[str, list]], n: int) -> dict[str, list]:
+    """The ranks' per-response lists (rank order, each from :func:`shard`'s indices) back in prompt order."""
+    world = len(parts)
+    return {k: [parts[i % world][k][i // world] for i in range(n)] if parts[0][k] else [] for k in SAMPLE_KEYS}
+
+
 @torch.no_grad()
 def sample_and_score(engine, sampling, prompt_ids: list[list[int]], batch_size: int, pad_id: int,
                      device: torch.device, seed: int, score_batch: Callable, judge: Callable | None = None,
-                     disable_tqdm: bool = True) -> tuple[dict[str, list], list[float] | None]:
+                     disable_tqdm: bool = True, d=None) -> tuple[dict[str, list], list[float] | None]:
     """Sample one response per prompt with ``engine`` and score them; return (samples, judge scores or None).
 
-    ``score_batch(start, parts, gen)`` gives a batch's keyword arguments of :func:`accumulate` besides
+    ``score_batch(idx, parts, gen)`` gives a batch's keyword arguments of :func:`accumulate` besides
     the mask and truncation (``texts``, and ``logp`` / ``ref_logp`` / ``rm`` as the caller computes them):
-    ``start`` is the batch's first prompt index, ``parts`` = (prompt ids (B, P), prompt mask (B, P),
-    response ids (B, T), response mask (B, T)), ``gen`` the engine's Generation. ``judge(prompts,
-    responses, truncated)`` is called once with the whole set (a set-level term sees every response).
+    ``idx`` is the batch's prompt indices into ``prompt_ids``, ``parts`` = (prompt ids (B, P), prompt
+    mask (B, P), response ids (B, T), response mask (B, T)), ``gen`` the engine's Generation.
+    ``judge(prompts, responses, truncated)`` is called once with the whole set (a set-level term sees
+    every response).
+
+    ``d`` (``distributed.Dist``) with several processes: each rank samples and scores its share
+    (:func:`shard`) on its own stream (``seed`` + a multiple of its rank), the shares are gathered,
+    and every rank judges and returns the whole set in prompt order. One process: every prompt, ``seed``.
 
     The RNG rule: sampling and judging run on their own streams seeded with ``seed``, and every stream
     of the caller (Python, NumPy, CPU, each CUDA device) is restored afterwards (``training.forked_rng``)."""
     from ppomax.data import collate_prompts
     from ppomax.training import forked_rng, progress
 
+    idx = shard(len(prompt_ids), d)
+    several = d is not None and d.enabled
     out: dict[str, list] = {k: [] for k in SAMPLE_KEYS}
-    with forked_rng(seed):
-        for s in progress(range(0, len(prompt_ids), batch_size), desc="eval", disable=disable_tqdm):
-            batch = collate_prompts(prompt_ids[s : s + batch_size], pad_id)
+    with forked_rng(seed + (104729 * d.rank if several else 0)):
+        for s in progress(range(0, len(idx), batch_size), desc="eval", disable=disable_tqdm):
+            b = idx[s : s + batch_size]
+            batch = collate_prompts([prompt_ids[i] for i in b], pad_id)
             p_ids, p_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             gen = engine.generate(p_ids, p_mask, sampling)
-            accumulate(out, gen.mask, gen.truncated, **score_batch(s, (p_ids, p_mask, gen.response_ids, gen.mask), gen))
+            accumulate(out, gen.mask, gen.truncated, **score_batch(b, (p_ids, p_mask, gen.response_ids, gen.mask), gen))
+        if several:
+            from ppomax.distributed import gather_json
+
+            out = merge_shards(gather_json(out, d), len(prompt_ids))
         scores = judge(out["prompts"], out["responses"], out["truncated"]) if judge is not None else None
     return out, scores
 
@@ -123,7 +152,7 @@ def sample_responses(
     sampling = Sampling(response_length, tuple(eos_token_ids(tokenizer, policy)), tokenizer.pad_token_id,
                         temperature, top_k, top_p)
 
-    def score_batch(start: int, parts: tuple, gen) -> dict[str, Any]:
+    def score_batch(idx: list[int], parts: tuple, gen) -> dict[str, Any]:
         mask = parts[3]
         logp = response_logprobs(policy, parts, temperature) * mask if logprobs or ref_policy is not None else None
         ref = response_logprobs(ref_policy, parts, temperature) * mask if ref_policy is not None else None

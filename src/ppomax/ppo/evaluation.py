@@ -55,17 +55,19 @@ def evaluate(tr, prompt_ids: list[list[int]]) -> dict[str, float]:
     bs = cfg.generation_batch_size
     tr.policy.eval()
 
-    def score_batch(start: int, parts: tuple, gen) -> dict:
+    def score_batch(idx: list[int], parts: tuple, gen) -> dict:
         mask = parts[3]
         fw = tr.forwards  # the rollout's forwards (ppo/experience.py)
         logp = fw.in_chunks(lambda *x: fw.logprobs_fn(tr.policy, x, cfg.temperature), parts) * mask
         ref = fw.in_chunks(lambda *x: fw.ref_logprobs(x), parts) * mask
-        rows = tr.eval_prompt_rows[start : start + bs] if tr.eval_prompt_rows else None
+        rows = [tr.eval_prompt_rows[i] for i in idx] if tr.eval_prompt_rows else None
         return dict(texts=decode(tr.tokenizer, *parts), logp=logp, ref_logp=ref, rm=fw.score(*parts, rows, gen.truncated))
 
-    # the same eval samples for a given policy, whatever the step; every device's stream is restored
+    # the same eval samples for a given policy (and number of processes), whatever the step; every
+    # device's stream is restored. Each rank samples its share of the prompts; all ranks summarise the
+    # whole set (distinct-n, self-similarity and a judge's set-level term need every response).
     samples, gold = sample_and_score(tr.engine, tr.sampling, prompt_ids, bs, tr.pad_id, tr.device, cfg.seed + 7919,
-                                     score_batch, judge=tr.gold_fn)
+                                     score_batch, judge=tr.gold_fn, d=tr.dist)
     m = summarize(samples, gold)
     return {f"eval/{k}": m[k] for k in EVAL_KEYS if k in m}
 
