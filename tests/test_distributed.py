@@ -321,6 +321,42 @@ def test_batch_monitors_over_two_processes_equal_one_process(tmp_path):
             assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
 
 
+def _set_judge(prompts, responses, truncated):
+    """A set-level judge: each response's score is the number of distinct responses in the whole set."""
+    return [float(len(set(responses))) + (0.5 if t else 0.0) for t in truncated]
+
+
+_JUDGED = [["p0", "p1", "p2"], ["a", "b", "a"], [False, True, False]], [["p3", "p4", "p5"], ["c", "a", "d"],
+                                                                       [False, False, True]]
+
+
+def _judge_worker(rank: int, world: int, port: int, out: str) -> None:
+    from ppomax import distributed as dist_lib
+    from ppomax.ppo.monitors import judge_rollouts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    d = dist_lib.setup()
+    with open(os.path.join(out, f"judge-{rank}.json"), "w") as fh:
+        json.dump(judge_rollouts(_set_judge, *_JUDGED[rank], d), fh)
+    dist_lib.shutdown()
+
+
+def test_the_judge_sees_every_ranks_rollouts(tmp_path):
+    """gold/* during a 2-process run: every rank judges the whole batch (a set-level term counts all 6
+    responses: 4 distinct), keeps its own responses' scores, and logs the batch's mean."""
+    from ppomax.ppo.monitors import judge_rollouts
+
+    one = judge_rollouts(_set_judge, *[a + b for a, b in zip(*_JUDGED)])
+    assert one[0] == one[1] == [4.0, 4.5, 4.0, 4.0, 4.0, 4.5]
+    assert judge_rollouts(_set_judge, *_JUDGED[0])[1] == [2.0, 2.5, 2.0]  # one rank alone sees 2 distinct
+    mp.start_processes(_judge_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    two = [json.loads((tmp_path / f"judge-{r}.json").read_text()) for r in range(2)]
+    assert [t[0] for t in two] == [one[0][:3], one[0][3:]]  # each rank's own scores
+    assert two[0][1] == two[1][1] == one[1]  # the whole batch's, on every rank
+
+
 def _rank_row(rank: int) -> dict:
     """Rank 0 of 8 responses has 2 truncated ones (mean raw score 1.0), rank 1 none: only rank 0 logs
     reward/truncated_mean, as experience_metrics does."""

@@ -125,6 +125,21 @@ def experience_metrics(exp, with_critic: bool = True, d=None) -> dict[str, float
     return m
 
 
+def judge_rollouts(gold_fn, prompts: list[str], responses: list[str], truncated: list[bool],
+                   d=None) -> tuple[list[float], list[float]]:
+    """The judge's scores of this rank's responses, and of the whole batch: with several processes the
+    texts are gathered and every rank judges the whole batch, so a set-level judge (the SmolLM2 study's
+    similarity term) sees every response of the iteration and every rank logs the same ``gold/*``."""
+    from ppomax import distributed as dist_lib
+
+    mine = [prompts, responses, truncated]
+    parts = dist_lib.gather_json(mine, d) if d is not None else [mine]
+    every = [sum((p[i] for p in parts), []) for i in range(3)]
+    gold = [float(x) for x in gold_fn(*every)]
+    start = sum(len(p[0]) for p in parts[: d.rank]) if d is not None and d.enabled else 0
+    return gold[start : start + len(prompts)], gold
+
+
 def gold_metrics(gold: list[float]) -> dict[str, float]:
     """The judge's mean score, and the share it accepts as well formed (a gold score >= −1)."""
     g = torch.tensor(gold, dtype=torch.float64)

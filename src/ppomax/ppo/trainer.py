@@ -34,7 +34,14 @@ from ppomax.ppo import advantages, evaluation, experience, setup
 from ppomax.ppo import state as run_state
 from ppomax.ppo import update as update_lib
 from ppomax.ppo.experience import Forwards
-from ppomax.ppo.monitors import CollapseGuard, experience_metrics, gold_metrics, reduce_row, write_sample_rows
+from ppomax.ppo.monitors import (
+    CollapseGuard,
+    experience_metrics,
+    gold_metrics,
+    judge_rollouts,
+    reduce_row,
+    write_sample_rows,
+)
 from ppomax.ppo.reward_fn import RewardFunction
 from ppomax.ppo.rollout import Experience
 from ppomax.ppo.setup import IndexSampler
@@ -241,8 +248,8 @@ class PPOTrainer:
         row["kl/coef"] = self.kl_coef
         if self.gold_fn is not None:  # a task's judge: logged, never trained on
             texts = self.forwards.decode(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask)
-            self._last_gold = [float(x) for x in self.gold_fn(*texts, exp.truncated.tolist())]
-            row.update(gold_metrics(self._last_gold))
+            self._last_gold, every = judge_rollouts(self.gold_fn, *texts, exp.truncated.tolist(), self.dist)
+            row.update(gold_metrics(every))  # the whole batch's, on every rank
         t1 = time.perf_counter()
         stats = self.update(exp, train_policy=train_policy)
         row["time/train"] = time.perf_counter() - t1
