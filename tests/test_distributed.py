@@ -288,17 +288,30 @@ def _rank_half(exp, rank: int):
     return half
 
 
-def _metrics_worker(rank: int, world: int, port: int, out: str) -> None:
+def _json_rank_worker(rank: int, world: int, port: int, out: str, fn) -> None:
+    """One of ``world`` gloo ranks: writes ``fn(d)`` (``d``: this rank's ``distributed.Dist``) to rank-<r>.json."""
     from ppomax import distributed as dist_lib
-    from ppomax.ppo.monitors import experience_metrics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     d = dist_lib.setup()
-    with open(os.path.join(out, f"metrics-{rank}.json"), "w") as fh:
-        json.dump(experience_metrics(_rank_half(_monitored_experience(), rank), True, d), fh)
+    with open(os.path.join(out, f"rank-{rank}.json"), "w") as fh:
+        json.dump(fn(d), fh)
     dist_lib.shutdown()
+
+
+def _on_two_ranks(fn, out) -> list:
+    """``fn(d)`` on two spawned gloo processes; their JSON results in rank order."""
+    mp.start_processes(_json_rank_worker, args=(2, _free_port(), str(out), fn), nprocs=2, join=True,
+                       start_method="spawn")
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+def _rank_metrics(d) -> dict:
+    from ppomax.ppo.monitors import experience_metrics
+
+    return experience_metrics(_rank_half(_monitored_experience(), d.rank), True, d)
 
 
 def test_batch_monitors_over_two_processes_equal_one_process(tmp_path):
@@ -312,10 +325,7 @@ def test_batch_monitors_over_two_processes_equal_one_process(tmp_path):
     for k in ("reward/raw_p50", "reward/raw_p99", "reward/raw_std", "policy/perplexity", "adv/std",
               "critic/explained_variance"):  # the test can fail: averaging the ranks' values is wrong here
         assert (per_rank[0][k] + per_rank[1][k]) / 2 != pytest.approx(one[k], rel=1e-3), k
-    mp.start_processes(_metrics_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    for r in range(2):
-        two = json.loads((tmp_path / f"metrics-{r}.json").read_text())
+    for two in _on_two_ranks(_rank_metrics, tmp_path):
         assert two.keys() == one.keys()
         for k in one:
             assert two[k] == pytest.approx(one[k], rel=1e-6, abs=1e-9), k
@@ -330,17 +340,10 @@ _JUDGED = [["p0", "p1", "p2"], ["a", "b", "a"], [False, True, False]], [["p3", "
                                                                        [False, False, True]]
 
 
-def _judge_worker(rank: int, world: int, port: int, out: str) -> None:
-    from ppomax import distributed as dist_lib
+def _rank_judge(d) -> tuple:
     from ppomax.ppo.monitors import judge_rollouts
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    d = dist_lib.setup()
-    with open(os.path.join(out, f"judge-{rank}.json"), "w") as fh:
-        json.dump(judge_rollouts(_set_judge, *_JUDGED[rank], d), fh)
-    dist_lib.shutdown()
+    return judge_rollouts(_set_judge, *_JUDGED[d.rank], d)
 
 
 def test_the_judge_sees_every_ranks_rollouts(tmp_path):
@@ -351,8 +354,7 @@ def test_the_judge_sees_every_ranks_rollouts(tmp_path):
     one = judge_rollouts(_set_judge, *[a + b for a, b in zip(*_JUDGED)])
     assert one[0] == one[1] == [4.0, 4.5, 4.0, 4.0, 4.0, 4.5]
     assert judge_rollouts(_set_judge, *_JUDGED[0])[1] == [2.0, 2.5, 2.0]  # one rank alone sees 2 distinct
-    mp.start_processes(_judge_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    two = [json.loads((tmp_path / f"judge-{r}.json").read_text()) for r in range(2)]
+    two = _on_two_ranks(_rank_judge, tmp_path)
     assert [t[0] for t in two] == [one[0][:3], one[0][3:]]  # each rank's own scores
     assert two[0][1] == two[1][1] == one[1]  # the whole batch's, on every rank
 
@@ -367,25 +369,17 @@ def _rank_row(rank: int) -> dict:
     return row
 
 
-def _reduce_row_worker(rank: int, world: int, port: int, out: str) -> None:
-    from ppomax import distributed as dist_lib
+def _rank_reduced_row(d) -> dict:
     from ppomax.ppo.monitors import reduce_row
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    d = dist_lib.setup()
-    with open(os.path.join(out, f"row-{rank}.json"), "w") as fh:
-        json.dump(reduce_row(_rank_row(rank), d), fh)
-    dist_lib.shutdown()
+    return reduce_row(_rank_row(d.rank), d)
 
 
 def test_row_metrics_that_only_some_ranks_log_are_reduced_without_a_collective_mismatch(tmp_path):
     """Issue 21 (found with item 8): reward/truncated_mean exists only on a rank with truncated responses, and
     the row's all-reduce took each rank's own keys: 33 floats against 32, a gloo abort ('Received data size
     doesn't match'). Now every rank reduces the same keys, each over the ranks that logged it."""
-    mp.start_processes(_reduce_row_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    rows = [json.loads((tmp_path / f"row-{r}.json").read_text()) for r in range(2)]
+    rows = _on_two_ranks(_rank_reduced_row, tmp_path)
     assert rows[0] == rows[1]
     row = rows[0]
     assert row["reward/raw_mean"] == 1.0 and row["response/truncated_frac"] == 0.125

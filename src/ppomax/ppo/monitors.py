@@ -82,8 +82,8 @@ def gather_experience(exp, d):
             x = torch.nn.functional.pad(x.float(), (0, T - x.shape[1]))
         fields[name] = dist_lib.all_gather(x.float(), d)  # float: NCCL and gloo both take it
     fields["truncated"] = fields["truncated"] > 0.5
-    empty = fields["scores"].new_zeros(fields["scores"].shape[0], 0)  # the monitors read no token ids
-    return Experience(prompt_ids=empty.long(), prompt_mask=empty.long(), response_ids=empty.long(), **fields)
+    empty = fields["scores"].new_zeros(fields["scores"].shape[0], 0, dtype=torch.long)  # the monitors read no ids
+    return Experience(prompt_ids=empty, prompt_mask=empty, response_ids=empty, **fields)
 
 
 def experience_metrics(exp, with_critic: bool = True, d=None) -> dict[str, float]:
